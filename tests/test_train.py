@@ -1,0 +1,117 @@
+"""End-to-end behaviour of train.py: what a run writes, and the checkpoint it leaves."""
+
+import csv
+
+import pytest
+import torch
+from conftest import FAST, run_train
+
+import train
+from dataset import load_image, read_labels, sorted_class_names
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_run_writes_checkpoints_metrics_and_split(train_tiny):
+    status, run_dir = train_tiny("--epochs", "2")
+    assert status == 0
+    for name in ("best.pt", "last.pt", "metrics.csv", "split.csv"):
+        assert (run_dir / name).is_file(), name
+    rows = read_rows(run_dir / "metrics.csv")
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert list(rows[0])[:7] == ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+def test_checkpoint_is_a_plain_dict_that_loads_with_weights_only(train_tiny):
+    status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    for key in ("model", "optimizer", "epoch", "best_acc", "class_names", "model_name", "image_size", "mean", "std",
+                "args", "version"):
+        assert key in checkpoint, key
+    assert checkpoint["class_names"] == ["cat", "dog", "fox"]
+    assert checkpoint["model_name"] == "resnet18"
+    assert checkpoint["image_size"] == 32
+    assert checkpoint["args"]["epochs"] == 1
+
+
+def test_best_checkpoint_rebuilds_a_model_that_predicts(train_tiny):
+    status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    model = train.build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
+    model.load_state_dict(checkpoint["model"])
+    logits = model.eval()(torch.zeros(1, 3, 32, 32))
+    assert logits.shape == (1, 3)
+
+
+def test_split_csv_lists_every_image_once_as_train_or_val(train_tiny, tiny_data):
+    status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    rows = read_rows(run_dir / "split.csv")
+    assert sorted(r["image"] for r in rows) == sorted(r["image"] for r in read_rows(tiny_data[0]))
+    assert {r["split"] for r in rows} == {"train", "val"}
+    assert sum(r["split"] == "val" for r in rows) == 3 * round(8 * 0.3)  # stratified: 30% of each class
+
+
+def test_same_seed_gives_same_disjoint_split_and_other_seed_another(tiny_data):
+    samples = read_labels(tiny_data[0])
+    train_a, val_a, _ = train.split_samples(samples, 0.3, seed=0, method="random")
+    train_b, val_b, _ = train.split_samples(samples, 0.3, seed=0, method="random")
+    _, val_c, _ = train.split_samples(samples, 0.3, seed=1, method="random")
+    assert list(val_a["image"]) == list(val_b["image"])
+    assert not set(train_a["image"]) & set(val_a["image"])
+    assert len(train_a) + len(val_a) == len(samples)
+    assert set(val_a["image"]) != set(val_c["image"])
+
+
+def test_stratified_split_keeps_each_class_share(tiny_data):
+    samples = read_labels(tiny_data[0])
+    _, val, method = train.split_samples(samples, 0.25, seed=0, method="auto")
+    assert method == "stratified"
+    assert val["label"].value_counts().to_dict() == {"cat": 2, "dog": 2, "fox": 2}
+
+
+def test_validation_images_are_not_augmented_but_training_images_are(tiny_data):
+    csv_path, root = tiny_data
+    args = train.get_args_parser().parse_args(["--csv", str(csv_path), "--root", str(root), *FAST, "--cache", "off"])
+    train_samples, val_samples, class_names, _, sizes = train.load_samples(args)
+    transforms = train.build_transforms(32)
+    train_loader, val_loader, _, _ = train.build_dataloaders(
+        args, train_samples, val_samples, class_names, transforms, torch.device("cpu"), sizes, rank=0, world_size=1
+    )
+    first_val = [batch[0] for batch in val_loader]
+    second_val = [batch[0] for batch in val_loader]
+    assert all(torch.equal(a, b) for a, b in zip(first_val, second_val))
+    augment = train_loader.dataset.transform
+    picture = load_image(root / train_samples["image"][0])
+    views = [augment(picture) for _ in range(5)]
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+
+
+def test_each_run_gets_a_fresh_directory(tiny_data, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    csv_path, root = tiny_data
+    for _ in range(2):
+        assert run_train("--csv", csv_path, "--root", root, *FAST, "--epochs", "1") == 0
+    assert (tmp_path / "runs" / "exp1" / "best.pt").is_file()
+    assert (tmp_path / "runs" / "exp2" / "best.pt").is_file()
+
+
+def test_summary_line_per_epoch_and_best_at_the_end(train_tiny, capsys):
+    status, run_dir = train_tiny("--epochs", "2")
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2  train_loss" in out and "epoch 2/2  train_loss" in out
+    assert f"{run_dir / 'best.pt'}" in out
+
+
+@pytest.mark.parametrize("labels, expected", [
+    (["10", "2", "1"], ["1", "2", "10"]),
+    (["b", "a", "C"], ["C", "a", "b"]),
+])
+def test_class_names_sort_numerically_when_integers_and_stay_text(labels, expected):
+    assert sorted_class_names(labels) == expected

@@ -1,0 +1,1040 @@
+"""Train an image classifier from a CSV of image paths and labels.
+
+    python train.py                                      # the bundled sample in data/
+    python train.py --csv labels.csv --root images --epochs 3
+    torchrun --nproc_per_node=4 train.py --csv labels.csv --root images
+
+A cleaned-up version of the classic ResNet training script: MyDataset from a CSV, RandomResizedCrop/flip for
+training and Resize/CenterCrop for validation, a seeded split, resnet34 with its head replaced, Adam at 1e-4,
+and a train/validate loop that keeps the best checkpoint. The stages read top to bottom: arguments, data,
+model, optimizer, loop, checkpoint.
+"""
+
+import argparse
+import difflib
+import hashlib
+import math
+import os
+import random
+import re
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torchvision
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRandomSampler
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from dataset import DataError, MyDataset, check_images, collate_skipping_bad, read_labels, sorted_class_names
+
+CHECKPOINT_VERSION = 1
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1"]
+# Flags that may differ when a run is resumed; every other flag is taken from the checkpoint.
+RESUMABLE_FLAGS = {"epochs", "workers", "device", "amp", "compile", "cache", "skip_bad_images", "patience"}
+HERE = Path(__file__).resolve().parent
+
+
+class UsageError(Exception):
+    """A bad flag or an impossible request. The message is meant for the user, as one line."""
+
+
+class BadImageError(Exception):
+    """An image failed to decode during training and --skip-bad-images is off."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def get_args_parser():
+    parser = ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--csv", default=str(HERE / "data" / "labels.csv"), help="CSV with a header row: image path, label"
+    )
+    data.add_argument(
+        "--root", default=str(HERE / "data" / "images"), help="folder the CSV's image paths are relative to"
+    )
+    data.add_argument("--image-col", default=None, help="column of image paths (default: 'image', or the first of two)")
+    data.add_argument("--label-col", default=None, help="column of labels (default: 'label', or the second of two)")
+    data.add_argument("--val-csv", default=None, help="separate validation CSV; replaces --val-split")
+    data.add_argument("--val-root", default=None, help="folder the --val-csv paths are relative to (default: --root)")
+    data.add_argument("--val-split", type=float, default=0.3, help="fraction of --csv held out for validation")
+    data.add_argument(
+        "--split",
+        choices=["auto", "stratified", "random"],
+        default="auto",
+        help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images",
+    )
+    data.add_argument(
+        "--image-size", type=int, default=224, help="training crop size; validation resizes to size*256/224"
+    )
+    data.add_argument(
+        "--workers", type=int, default=None, help="DataLoader worker processes (default: fitted to the cores)"
+    )
+    data.add_argument(
+        "--cache",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode images once into RAM; auto = when they take under a quarter of it",
+    )
+    data.add_argument(
+        "--skip-bad-images", action="store_true", help="drop images that fail to decode instead of stopping"
+    )
+    data.add_argument(
+        "--balanced-sampler", action="store_true", help="draw training images with equal weight per class"
+    )
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default="resnet34", help="any torchvision classification model name")
+    model.add_argument(
+        "--weights",
+        default=None,
+        help="pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a local .pth state dict",
+    )
+    model.add_argument("--freeze-backbone", action="store_true", help="train only the new classification head")
+    model.add_argument(
+        "--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes"
+    )
+
+    optim = parser.add_argument_group("optimization")
+    optim.add_argument("--epochs", type=int, default=3, help="number of epochs")
+    optim.add_argument("--batch-size", type=int, default=16, help="images per step (per process under torchrun)")
+    optim.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optimizer")
+    optim.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    optim.add_argument(
+        "--weight-decay", type=float, default=0.0, help="weight decay, not applied to biases and norm layers"
+    )
+    optim.add_argument(
+        "--lr-schedule",
+        choices=["none", "cosine", "step"],
+        default="none",
+        help="learning-rate schedule over the epochs (step: x0.1 every third of the run)",
+    )
+    optim.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warmup")
+    optim.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing for the cross-entropy loss")
+    optim.add_argument(
+        "--class-weights",
+        choices=["none", "balanced"],
+        default="none",
+        help="balanced = weight the loss by inverse class frequency",
+    )
+    optim.add_argument(
+        "--best-metric", choices=["acc", "macro_f1", "loss"], default="acc", help="what best.pt is best at"
+    )
+    optim.add_argument(
+        "--patience", type=int, default=0, help="stop after this many epochs without a new best (0 = never)"
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
+    run.add_argument(
+        "--amp",
+        choices=["auto", "bf16", "fp16", "off"],
+        default="auto",
+        help="mixed precision; auto = bf16 where the device supports it, fp16 on older GPUs",
+    )
+    run.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    run.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
+    run.add_argument("--output-dir", default=None, help="run directory (default: a new runs/expN)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const="last",
+        default=None,
+        help="continue a run from a checkpoint (alone: the run directory's last.pt)",
+    )
+    run.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="CHECKPOINT",
+        help="only evaluate a checkpoint on the validation data and write the report",
+    )
+    return parser
+
+
+def check_args(args):
+    positive = {
+        "--epochs": args.epochs,
+        "--batch-size": args.batch_size,
+        "--lr": args.lr,
+        "--image-size": args.image_size,
+    }
+    for flag, value in positive.items():
+        if not value > 0 or not math.isfinite(value):
+            raise UsageError(f"{flag} must be positive, got {value}")
+    if not 0 < args.val_split < 1:
+        raise UsageError(f"--val-split must be between 0 and 1, got {args.val_split}")
+    for flag, value in {
+        "--weight-decay": args.weight_decay,
+        "--momentum": args.momentum,
+        "--warmup-epochs": args.warmup_epochs,
+        "--patience": args.patience,
+        "--workers": args.workers or 0,
+    }.items():
+        if not value >= 0:
+            raise UsageError(f"{flag} must not be negative, got {value}")
+    if not 0 <= args.label_smoothing < 1:
+        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
+    if args.image_size < 16:
+        raise UsageError(f"--image-size must be at least 16, got {args.image_size}")
+
+
+# ----------------------------------------------------------------------------------------------- device
+
+
+def choose_device(name, local_rank=None):
+    if name == "auto":
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+        index = local_rank if local_rank is not None and device.index is None else (device.index or 0)
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name}: unsupported device type; use auto, cpu, cuda or mps")
+    return device
+
+
+def choose_amp(requested, device):
+    """The autocast dtype, or None for fp32: bf16 where the hardware does it natively, fp16 on older GPUs."""
+    if requested == "off" or device.type == "mps":
+        return None
+    if requested == "bf16":
+        return torch.bfloat16
+    if requested == "fp16":
+        return torch.float16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else None
+
+
+def default_workers(device, world_size):
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores_per_process = max(1, cores // world_size)
+    if device.type == "cpu":
+        # The model trains on these same cores: one loader process keeps up and steals the least.
+        return 1 if cores_per_process > 1 else 0
+    return min(8, cores_per_process)
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def build_transforms(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size=None):
+    """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors.
+
+    Normalisation to float happens on the device (see `to_device`), so batches cross to it as uint8.
+    """
+    resize_size = resize_size or int(image_size * 256 / 224)
+    train = v2.Compose(
+        [
+            v2.RandomResizedCrop(image_size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.PILToTensor(),
+        ]
+    )
+    val = v2.Compose(
+        [
+            v2.Resize(resize_size, antialias=True),
+            v2.CenterCrop(image_size),
+            v2.PILToTensor(),
+        ]
+    )
+    return {"train": train, "val": val}
+
+
+def split_samples(samples, val_split, seed, method):
+    """Hold out `val_split` of the rows for validation, the same way for the same seed and CSV.
+
+    Stratified keeps each class's share in both parts; random is the original script's random_split.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    counts = samples["label"].value_counts()
+    if method == "auto":
+        method = "stratified" if counts.min() >= 2 else "random"
+    is_val = np.zeros(len(samples), dtype=bool)
+    if method == "random":
+        order = torch.randperm(len(samples), generator=generator).numpy()
+        train_size = int(len(samples) * (1 - val_split))
+        is_val[order[train_size:]] = True
+    else:
+        for label in sorted(counts.index):
+            rows = np.flatnonzero(samples["label"].to_numpy() == label)
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            val_size = min(len(rows) - 1, max(1, round(len(rows) * val_split))) if len(rows) > 1 else 0
+            is_val[order[:val_size]] = True
+    return samples[~is_val].reset_index(drop=True), samples[is_val].reset_index(drop=True), method
+
+
+def load_samples(args):
+    """Read the CSV(s), choose the classes and the split, and check every image before training starts."""
+    samples = read_labels(args.csv, args.image_col, args.label_col)
+    if args.val_csv:
+        train_samples, split_method = samples, "separate CSV"
+        val_samples = read_labels(args.val_csv, args.image_col, args.label_col)
+    else:
+        train_samples, val_samples, split_method = split_samples(samples, args.val_split, args.seed, args.split)
+    class_names = sorted_class_names(train_samples["label"])
+    if len(class_names) < 2:
+        raise DataError(f"{args.csv}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    unknown = sorted(set(val_samples["label"]) - set(class_names))
+    if unknown:
+        raise DataError(f"{args.val_csv}: labels not among the training classes: {', '.join(unknown[:5])}")
+    if len(train_samples) == 0 or len(val_samples) == 0:
+        part = "training" if len(train_samples) == 0 else "validation"
+        raise DataError(
+            f"{args.csv}: --val-split {args.val_split} leaves no {part} images out of {len(samples)}; "
+            "add images or change --val-split"
+        )
+    train_sizes = check_images(train_samples, args.root, args.csv)
+    val_sizes = check_images(val_samples, args.val_root or args.root, args.val_csv or args.csv)
+    return train_samples, val_samples, class_names, split_method, train_sizes + val_sizes
+
+
+def split_digest(train_samples, val_samples):
+    """A fingerprint of the split, so a resumed run can tell that it trains on the same images."""
+    text = "\n".join(f"{p}\t{label}\ttrain" for p, label in zip(train_samples["image"], train_samples["label"]))
+    text += "\n" + "\n".join(f"{p}\t{label}\tval" for p, label in zip(val_samples["image"], val_samples["label"]))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _ignore_signals_in_worker(worker_id):
+    # Ctrl-C reaches the whole process group; the main process decides when to stop and shuts workers down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def build_dataloaders(args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size):
+    train_set = MyDataset(train_samples, args.root, class_names, transforms["train"])
+    val_set = MyDataset(val_samples, args.val_root or args.root, class_names, transforms["val"])
+    cache_side = 2 * args.image_size  # enough resolution for RandomResizedCrop's larger crops
+    cache_bytes = sum(3 * w * h * min(1.0, cache_side / min(w, h)) ** 2 for w, h in image_sizes)
+    use_cache = args.cache == "on" or (args.cache == "auto" and cache_bytes < physical_memory() / 4)
+    if use_cache:
+        for dataset in (train_set, val_set):
+            dataset.fill_cache(cache_side, progress=lambda it: tqdm(it, desc="caching", leave=False, disable=rank != 0))
+
+    workers = default_workers(device, world_size) if args.workers is None else args.workers
+    generator = torch.Generator().manual_seed(args.seed + rank)
+    if world_size > 1:
+        train_sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
+    elif args.balanced_sampler:
+        class_counts = np.bincount(train_set.targets, minlength=len(class_names))
+        sample_weights = 1.0 / class_counts[train_set.targets]
+        train_sampler = WeightedRandomSampler(sample_weights, len(train_set), generator=generator)
+    else:
+        train_sampler = None
+    common = dict(
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=device.type == "cuda",
+        # Persistent workers keep their random state across epochs, which a resumed run cannot restore;
+        # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume.
+        persistent_workers=workers > 0 and device.type == "cuda",
+        worker_init_fn=_ignore_signals_in_worker if workers > 0 else None,
+    )
+    train_loader = DataLoader(
+        train_set, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler, generator=generator, **common
+    )
+    # Every validation image is evaluated exactly once, on exactly one rank (no padding duplicates).
+    val_shard = Subset(val_set, range(rank, len(val_set), world_size)) if world_size > 1 else val_set
+    val_loader = DataLoader(val_shard, 2 * args.batch_size, shuffle=False, **common)
+    return train_loader, val_loader, workers, use_cache
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown (Windows): never cache automatically
+
+
+# ------------------------------------------------------------------------------------------------ model
+
+
+def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
+    """A torchvision classification model with its head replaced for `num_classes`, after loading weights."""
+    known = torchvision.models.list_models(module=torchvision.models)
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
+        raise UsageError(f"--model {model_name}: not a torchvision classification model; {hint}")
+    # Auxiliary heads (googlenet, inception_v3) only matter for their own training recipe.
+    kwargs = {"aux_logits": False} if model_name in ("googlenet", "inception_v3") else {}
+    if weights is None:
+        model = torchvision.models.get_model(model_name, **kwargs)
+    elif weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or "/" in weights:
+        model = torchvision.models.get_model(model_name, **kwargs)
+        load_weights_file(model, weights, model_name)
+    else:
+        model = torchvision.models.get_model(model_name, weights=torchvision_weights(model_name, weights), **kwargs)
+    head_name = replace_head(model, num_classes)
+    if freeze_backbone:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = name.startswith(head_name + ".")
+    return model
+
+
+def torchvision_weights(model_name, weights):
+    enum = torchvision.models.get_model_weights(model_name)
+    name = weights.split(".")[-1]
+    if name not in enum.__members__:
+        choices = ", ".join(enum.__members__)
+        raise UsageError(f"--weights {weights}: {model_name} has no such weights; choose from {choices} or a .pth file")
+    weight = enum[name]
+    try:
+        weight.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:
+        raise UsageError(
+            f"--weights {weights}: could not download {weight.url} ({_one_line(e)}); "
+            "download it elsewhere and pass the .pth file"
+        ) from None
+    return weight
+
+
+def load_weights_file(model, path, model_name):
+    """Load a local state dict (or one of our checkpoints) into `model`, ignoring only a different head."""
+    state = load_checkpoint(path, "--weights")
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"--weights {path}: not a state dict of tensors")
+    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+    own = model.state_dict()
+    head_name = _head(model)[0]
+    for key in [k for k in state if k.startswith(head_name + ".") and k in own and state[k].shape != own[k].shape]:
+        del state[key]  # the head is replaced anyway; a different class count must not stop fine-tuning
+    missing = [k for k in own if k not in state and not k.startswith(head_name + ".")]
+    unexpected = [k for k in state if k not in own and not k.startswith(("AuxLogits.", "aux1.", "aux2."))]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if missing or unexpected or mismatched:
+        detail = (
+            (missing and f"missing {missing[0]}")
+            or (unexpected and f"unexpected {unexpected[0]}")
+            or (f"shape of {mismatched[0]}")
+        )
+        raise UsageError(f"--weights {path}: does not fit {model_name} ({detail}); is it for another --model?")
+    model.load_state_dict(state, strict=False)
+
+
+def _head(model):
+    """The final classification layer: the last Linear, or squeezenet's 1x1 convolution."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if linears:
+        return linears[-1]
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    return convs[-1]
+
+
+def replace_head(model, num_classes):
+    name, old = _head(model)
+    if isinstance(old, nn.Linear):
+        new = nn.Linear(old.in_features, num_classes)
+    else:
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
+    return name
+
+
+def build_optimizer(model, args):
+    # As the original document shows: weight decay on weights only, never on biases and norm layers.
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+    optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=args.lr)
+
+
+def build_scheduler(optimizer, args, steps_per_epoch):
+    """Per-step learning-rate factor: linear warmup, then constant, cosine or step decay."""
+    warmup_steps = args.warmup_epochs * steps_per_epoch
+    total_steps = max(1, args.epochs * steps_per_epoch)
+
+    def factor(step):
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        if args.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if args.lr_schedule == "step":
+            return 0.1 ** min(2, int(progress * 3))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def build_loss(args, train_targets, num_classes, device):
+    weight = None
+    if args.class_weights == "balanced":
+        counts = np.bincount(train_targets, minlength=num_classes)
+        weight = torch.tensor(len(train_targets) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
+        weight = weight.to(device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
+
+
+# ------------------------------------------------------------------------------------------------- loop
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves last.pt and exits 130/143."""
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {}
+
+    def install(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def uninstall(self):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is None:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt", file=sys.stderr)
+        self.signum = signum
+
+
+def to_device(images, device, mean, std, channels_last):
+    """uint8 NCHW batch to a normalised float batch on `device`."""
+    images = images.to(device, non_blocking=True)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+class BadImageLog:
+    """Reports each undecodable image once, and counts them per epoch."""
+
+    def __init__(self, skip):
+        self.skip = skip
+        self.seen = set()
+        self.count = 0
+
+    def handle(self, bad):
+        for image in bad:
+            if not self.skip:
+                raise BadImageError(f"line {image.line} {image.image}: {image.reason}")
+            self.count += 1
+            if image.image not in self.seen:
+                self.seen.add(image.image)
+                tqdm.write(f"warning: skipping line {image.line} {image.image}: {image.reason}", file=sys.stderr)
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, ctx, epoch, stop):
+    """One pass over the training data. Loss and accuracy add up on the device and are read only when the
+    progress bar refreshes, so the loop never waits for the GPU between steps."""
+    model.train()
+    device = ctx["device"]
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, start, last_refresh = 0, time.perf_counter(), time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch}/{ctx['epochs']}", leave=False, disable=not ctx["main"], dynamic_ncols=True)
+    for step, (images, labels, bad) in enumerate(bar):
+        ctx["bad_images"].handle(bad)
+        if images is not None:
+            images = to_device(images, device, ctx["mean"], ctx["std"], ctx["channels_last"])
+            labels = labels.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
+                logits = model(images)
+                loss = loss_fn(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(1) == labels).sum()
+            seen += len(labels)
+        scheduler.step()
+        if ctx["main"] and time.perf_counter() - last_refresh > 1.0 and seen:
+            last_refresh = time.perf_counter()
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (last_refresh - start):.1f}")
+        if stop_agreed(stop, step, ctx):
+            break
+    bar.close()
+    totals = all_reduce(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]), ctx)
+    loss_total, correct_total, count = totals.tolist()
+    return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
+
+
+def stop_agreed(stop, step, ctx):
+    """Whether every process has been asked to stop. Under torchrun, ranks agree every 8 steps."""
+    if ctx["world_size"] == 1:
+        return stop.signum is not None
+    if step % 8 != 7:
+        return False
+    flag = torch.tensor([0 if stop.signum is None else stop.signum], device=ctx["device"])
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and stop.signum is None:
+        stop.signum = int(flag.item())
+    return bool(flag.item())
+
+
+@torch.inference_mode()
+def evaluate(model, loader, loss_fn, ctx, num_classes):
+    """Loss and the confusion matrix (rows: true class, columns: predicted) over every validation image."""
+    model.eval()
+    device = ctx["device"]
+    loss_sum = torch.zeros((), device=device)
+    confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    for images, labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx["main"]):
+        ctx["bad_images"].handle(bad)
+        if images is None:
+            continue
+        images = to_device(images, device, ctx["mean"], ctx["std"], ctx["channels_last"])
+        labels = labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
+            logits = model(images)
+        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+    loss_sum = all_reduce(loss_sum.float(), ctx)
+    confusion = all_reduce(confusion, ctx).view(num_classes, num_classes).cpu()
+    count = int(confusion.sum())
+    return {
+        "val_loss": loss_sum.item() / max(count, 1),
+        "val_acc": confusion.trace().item() / max(count, 1),
+        "val_macro_f1": macro_f1(confusion),
+        "confusion": confusion,
+        "count": count,
+    }
+
+
+def macro_f1(confusion):
+    """Mean F1 over the classes present in the data or predicted (a class with neither is left out)."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    f1 = 2 * true_positive / (support + predicted).clamp(min=1)
+    present = (support + predicted) > 0
+    return f1[present].mean().item() if present.any() else 0.0
+
+
+def all_reduce(tensor, ctx):
+    if ctx["world_size"] > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+# ------------------------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, fsynced, then renamed over `path`.
+
+    A crash or a full disk at any moment leaves either the old file or the new one, never a broken one.
+    """
+    write_atomically(path, lambda f: torch.save(state, f))
+
+
+def write_atomically(path, write):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise UsageError(f"could not write {path}: {e.strerror or e}; earlier files there are intact") from None
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_csv_atomically(path, header, rows):
+    lines = [",".join(header)] + [",".join(_csv_field(row[c]) for c in header) for row in rows]
+    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
+
+
+def _csv_field(value):
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    text = str(value)
+    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
+
+
+def load_checkpoint(path, flag):
+    """torch.load with weights_only=True: a file holding anything but tensors and plain values is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{flag} {path}: no such file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        message = _one_line(e)
+        if "weights_only" in message or "Unsupported global" in message:
+            reason = "it holds Python objects besides tensors, which are not loaded for safety"
+        elif path.stat().st_size == 0:
+            reason = "the file is empty"
+        else:
+            reason = f"not a readable PyTorch checkpoint ({message[:120]})"
+        raise UsageError(f"{flag} {path}: {reason}") from None
+
+
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def remove_stale_temp_files(output_dir):
+    for stale in Path(output_dir).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def choose_output_dir(args, main_process):
+    if args.output_dir:
+        return Path(args.output_dir)
+    runs = HERE / "runs" if Path.cwd() == HERE else Path("runs")
+    numbers = [int(m.group(1)) for p in runs.glob("exp*") if (m := re.fullmatch(r"exp(\d+)", p.name))]
+    if args.resume == "last":
+        if numbers:
+            return runs / f"exp{max(numbers)}"
+    elif args.resume:
+        return Path(args.resume).parent
+    return runs / f"exp{max(numbers, default=0) + 1}"
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def setup_distributed():
+    """(rank, local_rank, world_size) from torchrun's environment; (0, None, 1) without torchrun."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, None, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
+
+
+def explicit_flags(argv):
+    """The flags the user actually typed (not their defaults)."""
+    parser = get_args_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
+
+
+def apply_resume_args(args, checkpoint_args, typed):
+    """A resumed run keeps its own settings; only runtime flags may change."""
+    for name, value in checkpoint_args.items():
+        if name in RESUMABLE_FLAGS or name in ("resume", "output_dir", "evaluate") or not hasattr(args, name):
+            continue
+        if name in typed and getattr(args, name) != value:
+            flag = "--" + name.replace("_", "-")
+            raise UsageError(
+                f"{flag} {getattr(args, name)} differs from the resumed run's {value}; drop it or start a new run"
+            )
+        setattr(args, name, value)
+
+
+def main(args, argv=None):
+    rank, local_rank, world_size = setup_distributed()
+    main_process = rank == 0
+    check_args(args)
+    device = choose_device(args.device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    output_dir = choose_output_dir(args, main_process)
+    if world_size > 1:  # every rank must agree on one run directory
+        shared = [str(output_dir)]
+        dist.broadcast_object_list(shared, src=0)
+        output_dir = Path(shared[0])
+    checkpoint = None
+    if args.resume:
+        last = Path(args.resume) if args.resume != "last" else output_dir / "last.pt"
+        if last.exists() or args.resume != "last":
+            checkpoint = load_checkpoint(last, "--resume")
+            if not isinstance(checkpoint, dict) or "model" not in checkpoint or "args" not in checkpoint:
+                raise UsageError(f"--resume {last}: not a checkpoint written by train.py")
+            apply_resume_args(args, checkpoint["args"], explicit_flags(argv or []))
+            check_args(args)
+
+    train_samples, val_samples, class_names, split_method, image_sizes = load_samples(args)
+    digest = split_digest(train_samples, val_samples)
+    if checkpoint is not None and checkpoint.get("split_digest") != digest:
+        raise UsageError(f"--resume: {args.csv} no longer gives the split this run trained on; start a new run")
+
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    amp = choose_amp(args.amp, device)
+    channels_last = device.type in ("cpu", "cuda")  # measured faster for convnets on both, fp32 and bf16
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # input sizes are fixed
+    model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
+    mean, std, resize_size = preprocessing_of(args)
+    transforms = build_transforms(args.image_size, mean, std, resize_size)
+    train_loader, val_loader, workers, cached = build_dataloaders(
+        args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size
+    )
+
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = build_optimizer(model, args)
+    scheduler = build_scheduler(optimizer, args, len(train_loader))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    loss_fn = build_loss(args, train_loader.dataset.targets, len(class_names), device)
+    if checkpoint is not None:
+        load_training_state(checkpoint, model, optimizer, scheduler, scaler, train_loader.generator, device)
+    train_model = model
+    if world_size > 1:
+        if args.sync_bn:
+            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    start_epoch = checkpoint["epoch"] if checkpoint else 0
+    history = list(checkpoint["history"]) if checkpoint else []
+    best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
+    ctx = dict(
+        device=device,
+        amp=amp,
+        channels_last=channels_last,
+        main=main_process,
+        world_size=world_size,
+        epochs=args.epochs,
+        mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(std, device=device).view(1, 3, 1, 1),
+        bad_images=BadImageLog(args.skip_bad_images),
+    )
+    meta = dict(
+        class_names=class_names,
+        model_name=args.model,
+        image_size=args.image_size,
+        mean=list(mean),
+        std=list(std),
+        resize_size=resize_size,
+        args=plain_args(args),
+        split_digest=digest,
+        version=CHECKPOINT_VERSION,
+    )
+
+    if main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(output_dir)
+        write_split(output_dir, train_samples, val_samples)
+        counts = train_samples["label"].value_counts()
+        print(
+            f"device {device}, {'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}"
+            f"{', channels_last' if channels_last else ''}, loader workers {workers}{', RAM cache' if cached else ''}"
+            f"{f', {world_size} processes' if world_size > 1 else ''}"
+        )
+        print(
+            f"{len(train_samples)} train / {len(val_samples)} val images ({split_method} split), "
+            f"{len(class_names)} classes: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
+        )
+        print(
+            f"{args.model}{' from ' + args.weights if args.weights else ''}, {args.optimizer} lr {args.lr:g}, "
+            f"batch {args.batch_size}{f' (global {args.batch_size * world_size})' if world_size > 1 else ''}, "
+            f"{args.epochs} epochs -> {output_dir}"
+        )
+        if start_epoch:
+            print(f"resuming after epoch {start_epoch}")
+
+    def state(epoch):
+        return dict(
+            model=model.state_dict(),
+            optimizer=optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            scaler=scaler.state_dict(),
+            epoch=epoch,
+            best=dict(best),
+            best_acc=best["val_acc"],
+            history=list(history),
+            rng=rng_state(train_loader.generator),
+            **meta,
+        )
+
+    stop = StopRequest()
+    stop.install()
+    try:
+        epoch = start_epoch
+        try:
+            for epoch in range(start_epoch + 1, args.epochs + 1):
+                if stop.signum is not None:  # asked to stop during validation or a save
+                    break
+                if isinstance(train_loader.sampler, DistributedSampler):
+                    train_loader.sampler.set_epoch(epoch)
+                started = time.perf_counter()
+                ctx["bad_images"].count = 0
+                train_stats = train_one_epoch(
+                    train_model, train_loader, loss_fn, optimizer, scheduler, scaler, ctx, epoch, stop
+                )
+                if stop.signum is not None:
+                    break
+                val_stats = evaluate(model, val_loader, loss_fn, ctx, len(class_names))
+                if not math.isfinite(train_stats["train_loss"]):
+                    raise UsageError(
+                        f"training loss became {train_stats['train_loss']} in epoch {epoch}; "
+                        "lower --lr (last.pt keeps the previous epoch)"
+                    )
+                row = dict(
+                    epoch=epoch,
+                    train_loss=train_stats["train_loss"],
+                    train_acc=train_stats["train_acc"],
+                    val_loss=val_stats["val_loss"],
+                    val_acc=val_stats["val_acc"],
+                    val_macro_f1=val_stats["val_macro_f1"],
+                    lr=optimizer.param_groups[0]["lr"],
+                    seconds=time.perf_counter() - started,
+                )
+                history.append(row)
+                score = {"acc": row["val_acc"], "macro_f1": row["val_macro_f1"], "loss": -row["val_loss"]}[
+                    args.best_metric
+                ]
+                improved = best["score"] is None or score > best["score"]
+                if improved:
+                    best.update(score=score, epoch=epoch, val_acc=row["val_acc"])
+                if main_process:
+                    # best.pt before last.pt: a crash in between repeats this epoch and writes best.pt again.
+                    if improved:
+                        save_checkpoint(state(epoch), output_dir / "best.pt")
+                    save_checkpoint(state(epoch), output_dir / "last.pt")
+                    write_csv_atomically(output_dir / "metrics.csv", METRIC_COLUMNS, history)
+                    skipped = f"  skipped {ctx['bad_images'].count} bad images" if ctx["bad_images"].count else ""
+                    print(
+                        f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
+                        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{' *best' if improved else ''}  "
+                        f"{row['seconds']:.1f}s{skipped}",
+                        flush=True,
+                    )
+                if args.patience and epoch - best["epoch"] >= args.patience:
+                    if main_process:
+                        print(f"no new best for {args.patience} epochs: stopping early")
+                    break
+        except BadImageError as e:
+            if main_process:
+                save_checkpoint(state(epoch - 1), output_dir / "last.pt")
+            raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images (last.pt saved)") from None
+        if stop.signum is not None:
+            if main_process:
+                save_checkpoint(state(epoch - 1), output_dir / "last.pt")
+                resume_command = f"python train.py --output-dir {output_dir} --resume"
+                print(f"saved {output_dir / 'last.pt'}; continue with: {resume_command}", file=sys.stderr)
+            return 128 + stop.signum
+    finally:
+        stop.uninstall()
+
+    if main_process:
+        if best["epoch"]:
+            print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {output_dir / 'best.pt'}")
+    return 0
+
+
+def preprocessing_of(args):
+    """Normalisation and validation resize: the pretrained weights' own when they define them, else ImageNet's."""
+    mean, std, resize_size = IMAGENET_MEAN, IMAGENET_STD, None
+    if args.weights and not (args.weights.endswith((".pth", ".pt", ".bin")) or "/" in args.weights):
+        try:
+            preset = torchvision.models.get_model_weights(args.model)[args.weights.split(".")[-1]].transforms()
+            mean, std = tuple(preset.mean), tuple(preset.std)
+            resize_size = round(preset.resize_size[0] * args.image_size / preset.crop_size[0])
+        except (KeyError, AttributeError, ValueError):
+            pass
+    return mean, std, resize_size
+
+
+def load_training_state(checkpoint, model, optimizer, scheduler, scaler, loader_generator, device):
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"--resume: the checkpoint does not fit this model ({_one_line(e)[:150]})") from None
+    restore_rng_state(checkpoint["rng"], loader_generator, device)
+
+
+def rng_state(loader_generator):
+    return dict(
+        python=_python_state_to_list(random.getstate()),
+        numpy=torch.from_numpy(np.random.get_state()[1].copy()),
+        numpy_pos=int(np.random.get_state()[2]),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        loader=loader_generator.get_state(),
+    )
+
+
+def _python_state_to_list(state):
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def restore_rng_state(rng, loader_generator, device):
+    version, internal, gauss = rng["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
+    torch.set_rng_state(rng["torch"])
+    if device.type == "cuda" and rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    loader_generator.set_state(rng["loader"])
+
+
+def plain_args(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def write_split(output_dir, train_samples, val_samples):
+    rows = [
+        dict(image=p, label=label, split="train") for p, label in zip(train_samples["image"], train_samples["label"])
+    ]
+    rows += [dict(image=p, label=label, split="val") for p, label in zip(val_samples["image"], val_samples["label"])]
+    write_csv_atomically(output_dir / "split.csv", ["image", "label", "split"], rows)
+
+
+def run_cli(argv=None):
+    """Parse the command line and run; user mistakes become one `error:` line and exit status 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = get_args_parser().parse_args(argv)
+        return main(args, argv)
+    except (UsageError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli())
