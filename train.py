@@ -753,15 +753,17 @@ def explicit_flags(argv):
 
 
 def apply_resume_args(args, checkpoint_args, typed):
-    """A resumed run keeps its own settings; only runtime flags may change."""
+    """A resumed run keeps its own settings. Runtime flags typed now override them; others must not differ."""
     for name, value in checkpoint_args.items():
-        if name in RESUMABLE_FLAGS or name in ("resume", "output_dir", "evaluate") or not hasattr(args, name):
+        if name in ("resume", "output_dir", "evaluate") or not hasattr(args, name):
             continue
-        if name in typed and getattr(args, name) != value:
-            flag = "--" + name.replace("_", "-")
-            raise UsageError(
-                f"{flag} {getattr(args, name)} differs from the resumed run's {value}; drop it or start a new run"
-            )
+        if name in typed:
+            if name not in RESUMABLE_FLAGS and getattr(args, name) != value:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(
+                    f"{flag} {getattr(args, name)} differs from the resumed run's {value}; drop it or start a new run"
+                )
+            continue
         setattr(args, name, value)
 
 
