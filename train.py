@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1"]
 # Flags that may differ when a run is resumed; every other flag is taken from the checkpoint.
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "amp", "compile", "cache", "skip_bad_images", "patience"}
+# Flags that --evaluate may take from the command line instead of the checkpoint: the data and the runtime.
+EVALUATE_FLAGS = RESUMABLE_FLAGS | {"csv", "root", "val_csv", "val_root", "image_col", "label_col", "batch_size"}
 HERE = Path(__file__).resolve().parent
 
 
@@ -335,12 +338,15 @@ def _ignore_signals_in_worker(worker_id):
 def build_dataloaders(args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size):
     train_set = MyDataset(train_samples, args.root, class_names, transforms["train"])
     val_set = MyDataset(val_samples, args.val_root or args.root, class_names, transforms["val"])
-    cache_side = 2 * args.image_size  # enough resolution for RandomResizedCrop's larger crops
-    cache_bytes = sum(3 * w * h * min(1.0, cache_side / min(w, h)) ** 2 for w, h in image_sizes)
-    use_cache = args.cache == "on" or (args.cache == "auto" and cache_bytes < physical_memory() / 4)
+    use_cache = args.cache == "on" or (
+        args.cache == "auto" and cache_bytes(image_sizes, args.image_size) < physical_memory() / 4
+    )
     if use_cache:
-        for dataset in (train_set, val_set):
-            dataset.fill_cache(cache_side, progress=lambda it: tqdm(it, desc="caching", leave=False, disable=rank != 0))
+        # Training images keep enough resolution for RandomResizedCrop's larger crops; validation images get
+        # exactly their validation Resize, so cached and uncached validation see the same pixels.
+        train_cap = 2 * args.image_size
+        train_set.fill_cache(lambda im: im if min(im.size) <= train_cap else v2.functional.resize(im, train_cap))
+        val_set.fill_cache(transforms["val"].transforms[0])
 
     workers = default_workers(device, world_size) if args.workers is None else args.workers
     generator = torch.Generator().manual_seed(args.seed + rank)
@@ -352,7 +358,22 @@ def build_dataloaders(args, train_samples, val_samples, class_names, transforms,
         train_sampler = WeightedRandomSampler(sample_weights, len(train_set), generator=generator)
     else:
         train_sampler = None
-    common = dict(
+    train_loader = DataLoader(
+        train_set,
+        args.batch_size,
+        shuffle=train_sampler is None,
+        sampler=train_sampler,
+        generator=generator,
+        **loader_options(workers, device),
+    )
+    # Every validation image is evaluated exactly once, on exactly one rank (no padding duplicates).
+    val_shard = Subset(val_set, range(rank, len(val_set), world_size)) if world_size > 1 else val_set
+    val_loader = DataLoader(val_shard, 2 * args.batch_size, **loader_options(workers, device))
+    return train_loader, val_loader, workers, use_cache
+
+
+def loader_options(workers, device):
+    return dict(
         num_workers=workers,
         collate_fn=collate_skipping_bad,
         pin_memory=device.type == "cuda",
@@ -361,13 +382,12 @@ def build_dataloaders(args, train_samples, val_samples, class_names, transforms,
         persistent_workers=workers > 0 and device.type == "cuda",
         worker_init_fn=_ignore_signals_in_worker if workers > 0 else None,
     )
-    train_loader = DataLoader(
-        train_set, args.batch_size, shuffle=train_sampler is None, sampler=train_sampler, generator=generator, **common
-    )
-    # Every validation image is evaluated exactly once, on exactly one rank (no padding duplicates).
-    val_shard = Subset(val_set, range(rank, len(val_set), world_size)) if world_size > 1 else val_set
-    val_loader = DataLoader(val_shard, 2 * args.batch_size, shuffle=False, **common)
-    return train_loader, val_loader, workers, use_cache
+
+
+def cache_bytes(image_sizes, image_size):
+    """RAM the decoded-image cache would take, images capped at twice the crop size."""
+    cap = 2 * image_size
+    return sum(3 * w * h * min(1.0, cap / min(w, h)) ** 2 for w, h in image_sizes)
 
 
 def physical_memory():
@@ -603,12 +623,17 @@ def stop_agreed(stop, step, ctx):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, loss_fn, ctx, num_classes):
-    """Loss and the confusion matrix (rows: true class, columns: predicted) over every validation image."""
+def evaluate(model, loader, ctx, num_classes):
+    """Loss, confusion matrix (rows: true class, columns: predicted) and top-k hits over every validation image.
+
+    The loss is plain cross-entropy, without class weights or smoothing, so it compares across settings.
+    """
     model.eval()
     device = ctx["device"]
+    ks = [k for k in (2, 5) if k < num_classes]
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    topk_hits = torch.zeros(len(ks), device=device, dtype=torch.long)
     for images, labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx["main"]):
         ctx["bad_images"].handle(bad)
         if images is None:
@@ -616,29 +641,96 @@ def evaluate(model, loader, loss_fn, ctx, num_classes):
         images = to_device(images, device, ctx["mean"], ctx["std"], ctx["channels_last"])
         labels = labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=ctx["amp"], enabled=ctx["amp"] is not None):
-            logits = model(images)
-        loss_sum += nn.functional.cross_entropy(logits.float(), labels, reduction="sum")
+            logits = model(images).float()
+        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-    loss_sum = all_reduce(loss_sum.float(), ctx)
+        for i, k in enumerate(ks):
+            topk_hits[i] += (logits.topk(k).indices == labels[:, None]).any(1).sum()
+    loss_sum = all_reduce(loss_sum, ctx)
     confusion = all_reduce(confusion, ctx).view(num_classes, num_classes).cpu()
+    topk_hits = all_reduce(topk_hits, ctx).cpu()
     count = int(confusion.sum())
     return {
         "val_loss": loss_sum.item() / max(count, 1),
         "val_acc": confusion.trace().item() / max(count, 1),
         "val_macro_f1": macro_f1(confusion),
         "confusion": confusion,
+        "topk_acc": {k: hits / max(count, 1) for k, hits in zip(ks, topk_hits.tolist())},
         "count": count,
     }
 
 
-def macro_f1(confusion):
-    """Mean F1 over the classes present in the data or predicted (a class with neither is left out)."""
+def per_class_scores(confusion):
+    """Precision, recall and F1 per class; 0 where a class has no support or no predictions."""
     confusion = confusion.double()
     true_positive = confusion.diag()
     support, predicted = confusion.sum(1), confusion.sum(0)
+    precision = true_positive / predicted.clamp(min=1)
+    recall = true_positive / support.clamp(min=1)
     f1 = 2 * true_positive / (support + predicted).clamp(min=1)
-    present = (support + predicted) > 0
+    return support, precision, recall, f1
+
+
+def macro_f1(confusion):
+    """Mean F1 over the classes present in the evaluated data."""
+    support, _, _, f1 = per_class_scores(confusion)
+    present = support > 0
     return f1[present].mean().item() if present.any() else 0.0
+
+
+def classification_report(stats, class_names):
+    """Rows of report.csv: one per class, macro and weighted averages (over classes present), accuracy, top-k."""
+    support, precision, recall, f1 = per_class_scores(stats["confusion"])
+    rows = [
+        dict(label=name, support=int(n), precision=p, recall=r, f1=f)
+        for name, n, p, r, f in zip(class_names, support.tolist(), precision.tolist(), recall.tolist(), f1.tolist())
+    ]
+    present = support > 0
+    if present.any():
+        weights = support[present] / support[present].sum()
+        for name, average in (
+            ("macro avg", lambda x: x[present].mean()),
+            ("weighted avg", lambda x: (x[present] * weights).sum()),
+        ):
+            rows.append(
+                dict(
+                    label=name,
+                    support=int(support.sum()),
+                    precision=average(precision).item(),
+                    recall=average(recall).item(),
+                    f1=average(f1).item(),
+                )
+            )
+    rows.append(dict(label="accuracy", support=stats["count"], precision="", recall="", f1=stats["val_acc"]))
+    for k, accuracy in stats["topk_acc"].items():
+        rows.append(dict(label=f"top{k} accuracy", support=stats["count"], precision="", recall="", f1=accuracy))
+    return rows
+
+
+def write_report(output_dir, stats, class_names, title):
+    """Print the per-class report and confusion matrix, and save them as report.csv and confusion_matrix.csv."""
+    rows = classification_report(stats, class_names)
+    width = max(12, *(len(row["label"]) for row in rows))
+    print(f"\n{title}: {stats['count']} images, loss {stats['val_loss']:.3f}")
+    print(f"{'':>{width}}  {'precision':>9}  {'recall':>9}  {'f1':>9}  {'support':>7}")
+    for row in rows:
+        cells = [
+            f"{row[c]:9.3f}" if isinstance(row[c], float) else f"{row[c]:>9}" for c in ("precision", "recall", "f1")
+        ]
+        print(f"{row['label']:>{width}}  {'  '.join(cells)}  {row['support']:>7}")
+    confusion = stats["confusion"].tolist()
+    cell = max(5, *(len(name) for name in class_names))
+    print(
+        f"\nconfusion matrix (rows: true, columns: predicted)\n{'':>{width}}  "
+        + "  ".join(f"{n:>{cell}}" for n in class_names)
+    )
+    for name, counts in zip(class_names, confusion):
+        print(f"{name:>{width}}  " + "  ".join(f"{c:>{cell}}" for c in counts))
+    write_csv_atomically(output_dir / "report.csv", ["label", "support", "precision", "recall", "f1"], rows)
+    matrix_rows = [
+        {"true\\predicted": name, **dict(zip(class_names, counts))} for name, counts in zip(class_names, confusion)
+    ]
+    write_csv_atomically(output_dir / "confusion_matrix.csv", ["true\\predicted", *class_names], matrix_rows)
 
 
 def all_reduce(tensor, ctx):
@@ -698,15 +790,16 @@ def load_checkpoint(path, flag):
     if not path.is_file():
         raise UsageError(f"{flag} {path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing a file
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        message = _one_line(e)
-        if "weights_only" in message or "Unsupported global" in message:
-            reason = "it holds Python objects besides tensors, which are not loaded for safety"
-        elif path.stat().st_size == 0:
+        if path.stat().st_size == 0:
             reason = "the file is empty"
+        elif "Weights only load failed" in str(e):
+            reason = "not a plain checkpoint of tensors; Python objects in it are not loaded, for safety"
         else:
-            reason = f"not a readable PyTorch checkpoint ({message[:120]})"
+            reason = f"truncated or not a PyTorch checkpoint ({_one_line(e)[:80]})"
         raise UsageError(f"{flag} {path}: {reason}") from None
 
 
@@ -720,7 +813,7 @@ def remove_stale_temp_files(output_dir):
         stale.unlink(missing_ok=True)
 
 
-def choose_output_dir(args, main_process):
+def choose_output_dir(args):
     if args.output_dir:
         return Path(args.output_dir)
     runs = HERE / "runs" if Path.cwd() == HERE else Path("runs")
@@ -752,16 +845,16 @@ def explicit_flags(argv):
     return set(vars(parser.parse_args(argv)))
 
 
-def apply_resume_args(args, checkpoint_args, typed):
-    """A resumed run keeps its own settings. Runtime flags typed now override them; others must not differ."""
-    for name, value in checkpoint_args.items():
+def apply_saved_args(args, saved_args, typed, may_differ):
+    """Take a saved run's settings: flags in `may_differ` typed now override them; others must not differ."""
+    for name, value in saved_args.items():
         if name in ("resume", "output_dir", "evaluate") or not hasattr(args, name):
             continue
         if name in typed:
-            if name not in RESUMABLE_FLAGS and getattr(args, name) != value:
+            if name not in may_differ and getattr(args, name) != value:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(
-                    f"{flag} {getattr(args, name)} differs from the resumed run's {value}; drop it or start a new run"
+                    f"{flag} {getattr(args, name)} differs from the saved run's {value}; drop it or start a new run"
                 )
             continue
         setattr(args, name, value)
@@ -769,26 +862,20 @@ def apply_resume_args(args, checkpoint_args, typed):
 
 def main(args, argv=None):
     rank, local_rank, world_size = setup_distributed()
-    main_process = rank == 0
     check_args(args)
     device = choose_device(args.device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    typed = explicit_flags(argv or [])
+    if args.evaluate:
+        return evaluate_checkpoint(args, typed, device)
 
-    output_dir = choose_output_dir(args, main_process)
+    output_dir = choose_output_dir(args)
     if world_size > 1:  # every rank must agree on one run directory
         shared = [str(output_dir)]
         dist.broadcast_object_list(shared, src=0)
         output_dir = Path(shared[0])
-    checkpoint = None
-    if args.resume:
-        last = Path(args.resume) if args.resume != "last" else output_dir / "last.pt"
-        if last.exists() or args.resume != "last":
-            checkpoint = load_checkpoint(last, "--resume")
-            if not isinstance(checkpoint, dict) or "model" not in checkpoint or "args" not in checkpoint:
-                raise UsageError(f"--resume {last}: not a checkpoint written by train.py")
-            apply_resume_args(args, checkpoint["args"], explicit_flags(argv or []))
-            check_args(args)
+    checkpoint = find_resume_checkpoint(args, output_dir, typed)
 
     train_samples, val_samples, class_names, split_method, image_sizes = load_samples(args)
     digest = split_digest(train_samples, val_samples)
@@ -798,168 +885,276 @@ def main(args, argv=None):
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     np.random.seed(args.seed)
-    amp = choose_amp(args.amp, device)
-    channels_last = device.type in ("cpu", "cuda")  # measured faster for convnets on both, fp32 and bf16
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # input sizes are fixed
-    model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
     mean, std, resize_size = preprocessing_of(args)
+    ctx = make_context(args, device, mean, std, rank, world_size)
+    model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
     transforms = build_transforms(args.image_size, mean, std, resize_size)
     train_loader, val_loader, workers, cached = build_dataloaders(
         args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size
     )
-
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    model.to(device, memory_format=torch.channels_last if ctx["channels_last"] else torch.contiguous_format)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, len(train_loader))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=ctx["amp"] == torch.float16)
     loss_fn = build_loss(args, train_loader.dataset.targets, len(class_names), device)
     if checkpoint is not None:
         load_training_state(checkpoint, model, optimizer, scheduler, scaler, train_loader.generator, device)
-    train_model = model
-    if world_size > 1:
-        if args.sync_bn:
-            train_model = nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
-        train_model = DistributedDataParallel(train_model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        train_model = torch.compile(train_model)
 
-    start_epoch = checkpoint["epoch"] if checkpoint else 0
-    history = list(checkpoint["history"]) if checkpoint else []
-    best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
-    ctx = dict(
-        device=device,
-        amp=amp,
-        channels_last=channels_last,
-        main=main_process,
-        world_size=world_size,
-        epochs=args.epochs,
-        mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(std, device=device).view(1, 3, 1, 1),
-        bad_images=BadImageLog(args.skip_bad_images),
-    )
+    if ctx["main"]:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(output_dir)
+        write_split(output_dir, train_samples, val_samples)
+        print_setup(args, ctx, train_samples, val_samples, class_names, split_method, workers, cached, output_dir)
     meta = dict(
         class_names=class_names,
         model_name=args.model,
         image_size=args.image_size,
         mean=list(mean),
         std=list(std),
-        resize_size=resize_size,
+        resize_size=resize_size or int(args.image_size * 256 / 224),
         args=plain_args(args),
         split_digest=digest,
         version=CHECKPOINT_VERSION,
     )
+    training = dict(
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        scaler=scaler,
+        loss_fn=loss_fn,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        meta=meta,
+        output_dir=output_dir,
+    )
+    status, best = fit(args, training, ctx, checkpoint)
+    if status == 0 and best["epoch"]:
+        report_best_model(training, ctx, best)
+    return status
 
-    if main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temp_files(output_dir)
-        write_split(output_dir, train_samples, val_samples)
-        counts = train_samples["label"].value_counts()
-        print(
-            f"device {device}, {'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}"
-            f"{', channels_last' if channels_last else ''}, loader workers {workers}{', RAM cache' if cached else ''}"
-            f"{f', {world_size} processes' if world_size > 1 else ''}"
-        )
-        print(
-            f"{len(train_samples)} train / {len(val_samples)} val images ({split_method} split), "
-            f"{len(class_names)} classes: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
-        )
-        print(
-            f"{args.model}{' from ' + args.weights if args.weights else ''}, {args.optimizer} lr {args.lr:g}, "
-            f"batch {args.batch_size}{f' (global {args.batch_size * world_size})' if world_size > 1 else ''}, "
-            f"{args.epochs} epochs -> {output_dir}"
-        )
-        if start_epoch:
-            print(f"resuming after epoch {start_epoch}")
 
-    def state(epoch):
-        return dict(
-            model=model.state_dict(),
-            optimizer=optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            scaler=scaler.state_dict(),
-            epoch=epoch,
-            best=dict(best),
-            best_acc=best["val_acc"],
-            history=list(history),
-            rng=rng_state(train_loader.generator),
-            **meta,
-        )
+def make_context(args, device, mean, std, rank=0, world_size=1):
+    """What every step needs to know about where and how it runs."""
+    return dict(
+        device=device,
+        amp=choose_amp(args.amp, device),
+        # Measured faster for convnets on CPU (fp32 and bf16) and CUDA; MPS gains nothing from it.
+        channels_last=device.type in ("cpu", "cuda"),
+        main=rank == 0,
+        world_size=world_size,
+        epochs=args.epochs,
+        mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(std, device=device).view(1, 3, 1, 1),
+        bad_images=BadImageLog(args.skip_bad_images),
+    )
+
+
+def find_resume_checkpoint(args, output_dir, typed):
+    """The checkpoint --resume continues from, with the run's own settings applied to `args`; None to start fresh.
+
+    `--resume` alone with no last.pt yet starts a new run, so a restart can rerun the very same command line.
+    """
+    if not args.resume:
+        return None
+    path = output_dir / "last.pt" if args.resume == "last" else Path(args.resume)
+    if args.resume == "last" and not path.exists():
+        return None
+    checkpoint = load_our_checkpoint(path, "--resume")
+    apply_saved_args(args, checkpoint["args"], typed, RESUMABLE_FLAGS)
+    check_args(args)
+    return checkpoint
+
+
+def print_setup(args, ctx, train_samples, val_samples, class_names, split_method, workers, cached, output_dir):
+    precision = "fp32" if ctx["amp"] is None else str(ctx["amp"]).removeprefix("torch.") + " autocast"
+    processes = f", {ctx['world_size']} processes" if ctx["world_size"] > 1 else ""
+    print(
+        f"device {ctx['device']}{processes}, {precision}{', channels_last' if ctx['channels_last'] else ''}, "
+        f"loader workers {workers}{', RAM cache' if cached else ''}"
+    )
+    counts = train_samples["label"].value_counts()
+    print(
+        f"{len(train_samples)} train / {len(val_samples)} val images ({split_method} split), "
+        f"{len(class_names)} classes: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
+    )
+    global_batch = f" (global {args.batch_size * ctx['world_size']})" if ctx["world_size"] > 1 else ""
+    print(
+        f"{args.model}{' from ' + args.weights if args.weights else ''}, {args.optimizer} lr {args.lr:g}, "
+        f"batch {args.batch_size}{global_batch}, {args.epochs} epochs -> {output_dir}"
+    )
+
+
+def fit(args, training, ctx, checkpoint):
+    """The train/validate loop. Saves best.pt and last.pt each epoch; stops cleanly on a signal or a bad image.
+
+    Returns (exit status, best) where best records the best epoch and its validation accuracy.
+    """
+    model, optimizer, scheduler, scaler = (training[k] for k in ("model", "optimizer", "scheduler", "scaler"))
+    train_loader, val_loader, output_dir = training["train_loader"], training["val_loader"], training["output_dir"]
+    train_model = wrap_model(model, args, ctx)
+    start_epoch = checkpoint["epoch"] if checkpoint else 0
+    history = list(checkpoint["history"]) if checkpoint else []
+    best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
+    if start_epoch and ctx["main"]:
+        print(f"resuming after epoch {start_epoch}")
+
+    def save(name, epoch):
+        if ctx["main"]:
+            state = dict(
+                model=model.state_dict(),
+                optimizer=optimizer.state_dict(),
+                scheduler=scheduler.state_dict(),
+                scaler=scaler.state_dict(),
+                epoch=epoch,
+                best=dict(best),
+                best_acc=best["val_acc"],
+                history=list(history),
+                rng=rng_state(train_loader.generator),
+                **training["meta"],
+            )
+            save_checkpoint(state, output_dir / name)
 
     stop = StopRequest()
     stop.install()
+    epoch = start_epoch
     try:
-        epoch = start_epoch
-        try:
-            for epoch in range(start_epoch + 1, args.epochs + 1):
-                if stop.signum is not None:  # asked to stop during validation or a save
-                    break
-                if isinstance(train_loader.sampler, DistributedSampler):
-                    train_loader.sampler.set_epoch(epoch)
-                started = time.perf_counter()
-                ctx["bad_images"].count = 0
-                train_stats = train_one_epoch(
-                    train_model, train_loader, loss_fn, optimizer, scheduler, scaler, ctx, epoch, stop
+        for epoch in range(start_epoch + 1, args.epochs + 1):
+            if stop.signum is not None:  # asked to stop during validation or a save
+                break
+            if isinstance(train_loader.sampler, DistributedSampler):
+                train_loader.sampler.set_epoch(epoch)
+            started = time.perf_counter()
+            ctx["bad_images"].count = 0
+            train_stats = train_one_epoch(
+                train_model, train_loader, training["loss_fn"], optimizer, scheduler, scaler, ctx, epoch, stop
+            )
+            if stop.signum is not None:
+                break
+            if not math.isfinite(train_stats["train_loss"]):
+                raise UsageError(
+                    f"training loss became {train_stats['train_loss']} in epoch {epoch}; lower --lr "
+                    "(last.pt keeps the previous epoch)"
                 )
-                if stop.signum is not None:
-                    break
-                val_stats = evaluate(model, val_loader, loss_fn, ctx, len(class_names))
-                if not math.isfinite(train_stats["train_loss"]):
-                    raise UsageError(
-                        f"training loss became {train_stats['train_loss']} in epoch {epoch}; "
-                        "lower --lr (last.pt keeps the previous epoch)"
-                    )
-                row = dict(
-                    epoch=epoch,
-                    train_loss=train_stats["train_loss"],
-                    train_acc=train_stats["train_acc"],
-                    val_loss=val_stats["val_loss"],
-                    val_acc=val_stats["val_acc"],
-                    val_macro_f1=val_stats["val_macro_f1"],
-                    lr=optimizer.param_groups[0]["lr"],
-                    seconds=time.perf_counter() - started,
-                )
-                history.append(row)
-                score = {"acc": row["val_acc"], "macro_f1": row["val_macro_f1"], "loss": -row["val_loss"]}[
-                    args.best_metric
-                ]
-                improved = best["score"] is None or score > best["score"]
-                if improved:
-                    best.update(score=score, epoch=epoch, val_acc=row["val_acc"])
-                if main_process:
-                    # best.pt before last.pt: a crash in between repeats this epoch and writes best.pt again.
-                    if improved:
-                        save_checkpoint(state(epoch), output_dir / "best.pt")
-                    save_checkpoint(state(epoch), output_dir / "last.pt")
-                    write_csv_atomically(output_dir / "metrics.csv", METRIC_COLUMNS, history)
-                    skipped = f"  skipped {ctx['bad_images'].count} bad images" if ctx["bad_images"].count else ""
-                    print(
-                        f"epoch {epoch}/{args.epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
-                        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{' *best' if improved else ''}  "
-                        f"{row['seconds']:.1f}s{skipped}",
-                        flush=True,
-                    )
-                if args.patience and epoch - best["epoch"] >= args.patience:
-                    if main_process:
-                        print(f"no new best for {args.patience} epochs: stopping early")
-                    break
-        except BadImageError as e:
-            if main_process:
-                save_checkpoint(state(epoch - 1), output_dir / "last.pt")
-            raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images (last.pt saved)") from None
-        if stop.signum is not None:
-            if main_process:
-                save_checkpoint(state(epoch - 1), output_dir / "last.pt")
-                resume_command = f"python train.py --output-dir {output_dir} --resume"
-                print(f"saved {output_dir / 'last.pt'}; continue with: {resume_command}", file=sys.stderr)
-            return 128 + stop.signum
+            val_stats = evaluate(model, val_loader, ctx, len(training["meta"]["class_names"]))
+            row = dict(
+                epoch=epoch,
+                train_loss=train_stats["train_loss"],
+                train_acc=train_stats["train_acc"],
+                val_loss=val_stats["val_loss"],
+                val_acc=val_stats["val_acc"],
+                lr=optimizer.param_groups[0]["lr"],
+                seconds=time.perf_counter() - started,
+                val_macro_f1=val_stats["val_macro_f1"],
+            )
+            history.append(row)
+            score = {"acc": row["val_acc"], "macro_f1": row["val_macro_f1"], "loss": -row["val_loss"]}[args.best_metric]
+            improved = best["score"] is None or score > best["score"]
+            if improved:
+                best.update(score=score, epoch=epoch, val_acc=row["val_acc"])
+                save("best.pt", epoch)  # before last.pt: a crash in between repeats this epoch, best.pt included
+            save("last.pt", epoch)
+            if ctx["main"]:
+                write_csv_atomically(output_dir / "metrics.csv", METRIC_COLUMNS, history)
+                print_epoch(row, args.epochs, improved, ctx["bad_images"].count)
+            if args.patience and epoch - best["epoch"] >= args.patience:
+                if ctx["main"]:
+                    print(f"no better {args.best_metric} for {args.patience} epochs: stopping early")
+                break
+    except BadImageError as e:
+        save("last.pt", epoch - 1)  # restarts this epoch on --resume
+        raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images (last.pt saved)") from None
     finally:
         stop.uninstall()
+    if stop.signum is not None:
+        save("last.pt", epoch - 1)  # with the weights reached so far; --resume restarts this epoch
+        if ctx["main"]:
+            print(
+                f"saved {output_dir / 'last.pt'}; continue with: python train.py --output-dir {output_dir} --resume",
+                file=sys.stderr,
+            )
+        return 128 + stop.signum, best
+    return 0, best
 
-    if main_process:
-        if best["epoch"]:
-            print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {output_dir / 'best.pt'}")
+
+def wrap_model(model, args, ctx):
+    """The module the training steps call: DDP under torchrun, compiled with --compile."""
+    if ctx["world_size"] > 1:
+        if args.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        device = ctx["device"]
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(model) if args.compile else model
+
+
+def print_epoch(row, epochs, improved, skipped):
+    print(
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
+        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{' *best' if improved else ''}  "
+        f"{row['seconds']:.1f}s{f'  skipped {skipped} bad images' if skipped else ''}",
+        flush=True,
+    )
+
+
+def report_best_model(training, ctx, best):
+    """Evaluate best.pt's weights on the validation set: the per-class report and confusion matrix."""
+    output_dir = training["output_dir"]
+    if ctx["world_size"] > 1:
+        dist.barrier()  # rank 0 has finished writing best.pt
+    model = training["model"]
+    model.load_state_dict(load_checkpoint(output_dir / "best.pt", "best.pt")["model"])
+    stats = evaluate(model, training["val_loader"], ctx, len(training["meta"]["class_names"]))
+    if ctx["main"]:
+        print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {output_dir / 'best.pt'}")
+        write_report(
+            output_dir, stats, training["meta"]["class_names"], f"validation report of {output_dir / 'best.pt'}"
+        )
+
+
+def evaluate_checkpoint(args, typed, device):
+    """--evaluate: the report for a saved checkpoint on validation data, with its own classes and preprocessing.
+
+    The data is --val-csv when given, else the validation part of the run's split of its --csv.
+    """
+    checkpoint = load_our_checkpoint(Path(args.evaluate), "--evaluate")
+    apply_saved_args(args, checkpoint["args"], typed, EVALUATE_FLAGS)
+    class_names = list(checkpoint["class_names"])
+    if args.val_csv:
+        csv_path, root = args.val_csv, args.val_root or args.root
+        samples = read_labels(csv_path, args.image_col, args.label_col)
+    else:
+        csv_path, root = args.csv, args.root
+        _, samples, _ = split_samples(
+            read_labels(csv_path, args.image_col, args.label_col), args.val_split, args.seed, args.split
+        )
+    unknown = sorted(set(samples["label"]) - set(class_names))
+    if unknown:
+        raise DataError(f"{csv_path}: labels the checkpoint does not know: {', '.join(unknown[:5])}")
+    check_images(samples, root, csv_path)
+    model = build_model(checkpoint["model_name"], len(class_names))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except RuntimeError as e:
+        raise UsageError(
+            f"--evaluate {args.evaluate}: weights do not fit {checkpoint['model_name']} ({_one_line(e)[:150]})"
+        ) from None
+    ctx = make_context(args, device, checkpoint["mean"], checkpoint["std"])
+    model.to(device, memory_format=torch.channels_last if ctx["channels_last"] else torch.contiguous_format)
+    val_transform = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])["val"]
+    val_set = MyDataset(samples, root, class_names, val_transform)
+    workers = default_workers(device, 1) if args.workers is None else args.workers
+    loader = DataLoader(val_set, 2 * args.batch_size, **loader_options(workers, device))
+    stats = evaluate(model, loader, ctx, len(class_names))
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.evaluate).parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {csv_path}")
     return 0
+
+
+def load_our_checkpoint(path, flag):
+    checkpoint = load_checkpoint(path, flag)
+    if not isinstance(checkpoint, dict) or not {"model", "args", "class_names"} <= checkpoint.keys():
+        raise UsageError(f"{flag} {path}: not a checkpoint written by train.py")
+    return checkpoint
 
 
 def preprocessing_of(args):
