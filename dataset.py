@@ -6,6 +6,7 @@ the column and says what to do.
 """
 
 import csv
+import io
 import os
 import re
 import sys
@@ -49,8 +50,11 @@ def read_labels(csv_path, image_col=None, label_col=None):
             f"{csv_path} line {line}: not UTF-8 (byte 0x{raw[e.start]:02x}); save it as 'CSV UTF-8'"
         ) from None
     if "\0" in text:
-        raise DataError(f"{csv_path}: contains NUL bytes; this is not a text CSV file")
-    rows = csv.reader(text.splitlines(keepends=True))
+        line = _line_at(text, text.index("\0"))
+        raise DataError(f"{csv_path} line {line}: NUL byte; a CSV is plain text, save it as 'CSV UTF-8'")
+    # Only \n, \r and \r\n end lines, as the csv module counts them: str.splitlines would also break on
+    # form feeds, U+0085 and U+2028 inside a name and report rows on lines that no editor shows.
+    rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     if not header or all(not name.strip() for name in header):
         raise DataError(f"{csv_path} is empty; it needs a header row and one row per image")
@@ -80,6 +84,11 @@ def read_labels(csv_path, image_col=None, label_col=None):
         raise DataError(f"{csv_path} has a header but no rows; add one row per image")
     samples = pd.DataFrame(records, columns=["image", "label", "line"])
     return _drop_duplicates(csv_path, samples)
+
+
+def _line_at(text, index):
+    """The line number of `text[index]`, counting line ends the way csv.reader does."""
+    return len(re.findall(r"\r\n|\r|\n", text[:index])) + 1
 
 
 def _pick_columns(csv_path, header, image_col, label_col):
@@ -233,20 +242,16 @@ class MyDataset(Dataset):
             return BadImage(self.images[index], self.lines[index], _reason(e)), self.targets[index]
         return image, self.targets[index]
 
-    def fill_cache(self, max_side, progress=None):
-        """Decode every image once and keep it in RAM, shorter side capped at `max_side` pixels.
+    def fill_cache(self, shrink):
+        """Decode every image once and keep it in RAM, after `shrink` (a PIL -> PIL resize that caps its size).
 
         The pixels live in one shared-memory uint8 tensor, so DataLoader workers read them without a copy.
         Images that fail to decode are left out of the cache and fail again (and are reported) when read.
         """
         decoded = []
-        for index in progress(range(len(self))) if progress else range(len(self)):
+        for index in range(len(self)):
             try:
-                image = load_image(resolve_image_path(self.root, self.images[index]))
-                scale = max_side / min(image.size)
-                if scale < 1:
-                    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-                    image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=None)
+                image = shrink(load_image(resolve_image_path(self.root, self.images[index])))
                 decoded.append(np.asarray(image))
             except Exception:
                 decoded.append(None)
@@ -257,7 +262,6 @@ class MyDataset(Dataset):
             if a is not None:
                 pixels[start : start + a.size].numpy()[:] = a.reshape(-1)
         self.cache = (pixels, offsets.tolist(), shapes)
-        return pixels.numel()
 
     def _cached(self, index):
         pixels, offsets, shapes = self.cache

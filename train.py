@@ -300,26 +300,30 @@ def split_samples(samples, val_split, seed, method):
 def load_samples(args):
     """Read the CSV(s), choose the classes and the split, and check every image before training starts."""
     samples = read_labels(args.csv, args.image_col, args.label_col)
+    class_names = sorted_class_names(samples["label"])
+    if len(class_names) < 2:
+        raise DataError(f"{args.csv}: only one class ({class_names[0]!r}); a classifier needs at least 2")
     if args.val_csv:
         train_samples, split_method = samples, "separate CSV"
         val_samples = read_labels(args.val_csv, args.image_col, args.label_col)
-    else:
-        train_samples, val_samples, split_method = split_samples(samples, args.val_split, args.seed, args.split)
-    class_names = sorted_class_names(train_samples["label"])
-    if len(class_names) < 2:
-        raise DataError(f"{args.csv}: only one class ({class_names[0]!r}); a classifier needs at least 2")
-    unknown = sorted(set(val_samples["label"]) - set(class_names))
-    if unknown:
-        raise DataError(f"{args.val_csv}: labels not among the training classes: {', '.join(unknown[:5])}")
+        unknown = sorted(set(val_samples["label"]) - set(class_names))
+        if unknown:
+            raise DataError(f"{args.val_csv}: labels not among the training classes: {', '.join(unknown[:5])}")
+        image_sizes = check_images(train_samples, args.root, args.csv)
+        image_sizes += check_images(val_samples, args.val_root or args.root, args.val_csv)
+        return train_samples, val_samples, class_names, split_method, image_sizes
+
+    train_samples, val_samples, split_method = split_samples(samples, args.val_split, args.seed, args.split)
     if len(train_samples) == 0 or len(val_samples) == 0:
         part = "training" if len(train_samples) == 0 else "validation"
         raise DataError(
             f"{args.csv}: --val-split {args.val_split} leaves no {part} images out of {len(samples)}; "
             "add images or change --val-split"
         )
-    train_sizes = check_images(train_samples, args.root, args.csv)
-    val_sizes = check_images(val_samples, args.val_root or args.root, args.val_csv or args.csv)
-    return train_samples, val_samples, class_names, split_method, train_sizes + val_sizes
+    # One check of the whole CSV in line order, so one error counts every bad file wherever it was split to.
+    size_of = dict(zip(samples["image"], check_images(samples, args.root, args.csv)))
+    image_sizes = [size_of[image] for part in (train_samples, val_samples) for image in part["image"]]
+    return train_samples, val_samples, class_names, split_method, image_sizes
 
 
 def split_digest(train_samples, val_samples):
@@ -338,9 +342,10 @@ def _ignore_signals_in_worker(worker_id):
 def build_dataloaders(args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size):
     train_set = MyDataset(train_samples, args.root, class_names, transforms["train"])
     val_set = MyDataset(val_samples, args.val_root or args.root, class_names, transforms["val"])
-    use_cache = args.cache == "on" or (
-        args.cache == "auto" and cache_bytes(image_sizes, args.image_size) < physical_memory() / 4
-    )
+    # Each process on a machine holds its own cache.
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    cache_size = cache_bytes(image_sizes, args.image_size) * processes_here
+    use_cache = args.cache == "on" or (args.cache == "auto" and cache_size < physical_memory() / 4)
     if use_cache:
         # Training images keep enough resolution for RandomResizedCrop's larger crops; validation images get
         # exactly their validation Resize, so cached and uncached validation see the same pixels.
@@ -351,6 +356,8 @@ def build_dataloaders(args, train_samples, val_samples, class_names, transforms,
     workers = default_workers(device, world_size) if args.workers is None else args.workers
     generator = torch.Generator().manual_seed(args.seed + rank)
     if world_size > 1:
+        if args.balanced_sampler:
+            raise UsageError("--balanced-sampler does not work under torchrun yet; use --class-weights balanced")
         train_sampler = DistributedSampler(train_set, world_size, rank, shuffle=True, seed=args.seed)
     elif args.balanced_sampler:
         class_counts = np.bincount(train_set.targets, minlength=len(class_names))
@@ -364,6 +371,8 @@ def build_dataloaders(args, train_samples, val_samples, class_names, transforms,
         shuffle=train_sampler is None,
         sampler=train_sampler,
         generator=generator,
+        # A last batch of a single image breaks BatchNorm in training; the shuffle changes what is left out.
+        drop_last=len(train_sampler or train_set) > args.batch_size,
         **loader_options(workers, device),
     )
     # Every validation image is evaluated exactly once, on exactly one rank (no padding duplicates).
@@ -584,6 +593,10 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, ctx, e
     bar = tqdm(loader, desc=f"epoch {epoch}/{ctx['epochs']}", leave=False, disable=not ctx["main"], dynamic_ncols=True)
     for step, (images, labels, bad) in enumerate(bar):
         ctx["bad_images"].handle(bad)
+        if images is None and ctx["world_size"] > 1:  # DDP needs every process in every step
+            raise BadImageError(
+                f"every image of a batch failed to decode, the first: line {bad[0].line} {bad[0].image}"
+            )
         if images is not None:
             images = to_device(images, device, ctx["mean"], ctx["std"], ctx["channels_last"])
             labels = labels.to(device, non_blocking=True)
@@ -597,7 +610,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, ctx, e
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-        scheduler.step()
+            scheduler.step()
         if ctx["main"] and time.perf_counter() - last_refresh > 1.0 and seen:
             last_refresh = time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (last_refresh - start):.1f}")
@@ -796,8 +809,10 @@ def load_checkpoint(path, flag):
     except Exception as e:
         if path.stat().st_size == 0:
             reason = "the file is empty"
-        elif "Weights only load failed" in str(e):
+        elif "GLOBAL" in str(e) or "Unsupported global" in str(e):
             reason = "not a plain checkpoint of tensors; Python objects in it are not loaded, for safety"
+        elif "Weights only load failed" in str(e):
+            reason = "not a PyTorch checkpoint of tensors (its data is damaged, or unsafe to load)"
         else:
             reason = f"truncated or not a PyTorch checkpoint ({_one_line(e)[:80]})"
         raise UsageError(f"{flag} {path}: {reason}") from None
@@ -898,7 +913,7 @@ def main(args, argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=ctx["amp"] == torch.float16)
     loss_fn = build_loss(args, train_loader.dataset.targets, len(class_names), device)
     if checkpoint is not None:
-        load_training_state(checkpoint, model, optimizer, scheduler, scaler, train_loader.generator, device)
+        load_training_state(checkpoint, model, optimizer, scheduler, scaler)
 
     if ctx["main"]:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -1009,7 +1024,6 @@ def fit(args, training, ctx, checkpoint):
                 best=dict(best),
                 best_acc=best["val_acc"],
                 history=list(history),
-                rng=rng_state(train_loader.generator),
                 **training["meta"],
             )
             save_checkpoint(state, output_dir / name)
@@ -1021,8 +1035,7 @@ def fit(args, training, ctx, checkpoint):
         for epoch in range(start_epoch + 1, args.epochs + 1):
             if stop.signum is not None:  # asked to stop during validation or a save
                 break
-            if isinstance(train_loader.sampler, DistributedSampler):
-                train_loader.sampler.set_epoch(epoch)
+            seed_epoch(args.seed, epoch, train_loader)
             started = time.perf_counter()
             ctx["bad_images"].count = 0
             train_stats = train_one_epoch(
@@ -1074,6 +1087,22 @@ def fit(args, training, ctx, checkpoint):
             )
         return 128 + stop.signum, best
     return 0, best
+
+
+def seed_epoch(seed, epoch, train_loader):
+    """Derive every random number of an epoch (shuffle, augmentation, dropout) from (seed, epoch, rank).
+
+    A resumed run then continues exactly as the uninterrupted one would, with no generator state to save,
+    under torchrun too.
+    """
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    epoch_seed = int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
+    train_loader.generator.manual_seed(epoch_seed)
+    if isinstance(train_loader.sampler, DistributedSampler):
+        train_loader.sampler.set_epoch(epoch)
 
 
 def wrap_model(model, args, ctx):
@@ -1170,7 +1199,7 @@ def preprocessing_of(args):
     return mean, std, resize_size
 
 
-def load_training_state(checkpoint, model, optimizer, scheduler, scaler, loader_generator, device):
+def load_training_state(checkpoint, model, optimizer, scheduler, scaler):
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -1178,33 +1207,6 @@ def load_training_state(checkpoint, model, optimizer, scheduler, scaler, loader_
         scaler.load_state_dict(checkpoint["scaler"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise UsageError(f"--resume: the checkpoint does not fit this model ({_one_line(e)[:150]})") from None
-    restore_rng_state(checkpoint["rng"], loader_generator, device)
-
-
-def rng_state(loader_generator):
-    return dict(
-        python=_python_state_to_list(random.getstate()),
-        numpy=torch.from_numpy(np.random.get_state()[1].copy()),
-        numpy_pos=int(np.random.get_state()[2]),
-        torch=torch.get_rng_state(),
-        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        loader=loader_generator.get_state(),
-    )
-
-
-def _python_state_to_list(state):
-    version, internal, gauss = state
-    return [version, list(internal), gauss]
-
-
-def restore_rng_state(rng, loader_generator, device):
-    version, internal, gauss = rng["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np.random.set_state(("MT19937", rng["numpy"].numpy().astype(np.uint32), rng["numpy_pos"], 0, 0.0))
-    torch.set_rng_state(rng["torch"])
-    if device.type == "cuda" and rng["cuda"]:
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    loader_generator.set_state(rng["loader"])
 
 
 def plain_args(args):

@@ -29,8 +29,19 @@ def test_checkpoint_is_a_plain_dict_that_loads_with_weights_only(train_tiny):
     status, run_dir = train_tiny("--epochs", "1")
     assert status == 0
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
-    for key in ("model", "optimizer", "epoch", "best_acc", "class_names", "model_name", "image_size", "mean", "std",
-                "args", "version"):
+    for key in (
+        "model",
+        "optimizer",
+        "epoch",
+        "best_acc",
+        "class_names",
+        "model_name",
+        "image_size",
+        "mean",
+        "std",
+        "args",
+        "version",
+    ):
         assert key in checkpoint, key
     assert checkpoint["class_names"] == ["cat", "dog", "fox"]
     assert checkpoint["model_name"] == "resnet18"
@@ -109,9 +120,12 @@ def test_summary_line_per_epoch_and_best_at_the_end(train_tiny, capsys):
     assert f"{run_dir / 'best.pt'}" in out
 
 
-@pytest.mark.parametrize("labels, expected", [
-    (["10", "2", "1"], ["1", "2", "10"]),
-    (["b", "a", "C"], ["C", "a", "b"]),
-])
+@pytest.mark.parametrize(
+    "labels, expected",
+    [
+        (["10", "2", "1"], ["1", "2", "10"]),
+        (["b", "a", "C"], ["C", "a", "b"]),
+    ],
+)
 def test_class_names_sort_numerically_when_integers_and_stay_text(labels, expected):
     assert sorted_class_names(labels) == expected
