@@ -36,11 +36,45 @@ def read_labels(csv_path, image_col=None, label_col=None):
     Without explicit column names, `image` and `label` are used, or the only two columns in order.
     Labels are kept as text so that `1`, `2`, `10` stay what they are.
     """
+    header, rows = read_csv_rows(csv_path)
+    image_col, label_col = _pick_columns(csv_path, header, image_col, label_col)
+    image_at, label_at = header.index(image_col), header.index(label_col)
+    records = []
+    for line, fields in rows:
+        image, label = fields[image_at].strip(), fields[label_at].strip()
+        if not image:
+            raise DataError(f"{csv_path} line {line}: empty '{image_col}'; give every row an image path")
+        if label.lower() in MISSING_LABELS:
+            raise DataError(
+                f"{csv_path} line {line}: missing label ({label!r}) for {image}; fill it in or drop the row"
+            )
+        records.append((image.replace("\\", "/"), label, line))
+    samples = pd.DataFrame(records, columns=["image", "label", "line"])
+    return _drop_duplicates(csv_path, samples)
+
+
+def read_images(csv_path, image_col="image"):
+    """Read only the image column of a CSV (for prediction): a DataFrame with columns image and line."""
+    header, rows = read_csv_rows(csv_path)
+    if image_col not in header:
+        found = ", ".join(repr(name) for name in header)
+        raise DataError(f"{csv_path}: no column {image_col!r} (columns found: {found}); name it with --image-col")
+    at = header.index(image_col)
+    records = [(fields[at].strip().replace("\\", "/"), line) for line, fields in rows if fields[at].strip()]
+    return pd.DataFrame(records, columns=["image", "line"])
+
+
+def read_csv_rows(csv_path):
+    """The header and the (line number, fields) of each non-blank row of a UTF-8 CSV with a header row.
+
+    Refuses what would otherwise be read wrongly without a word: other encodings, NUL bytes, and rows with
+    more or fewer fields than the header (pandas shifts such a row silently).
+    """
     csv_path = Path(csv_path)
     if not csv_path.exists():
-        raise DataError(f"{csv_path}: no such file; pass the labels CSV with --csv")
+        raise DataError(f"{csv_path}: no such file; give a CSV of image paths and labels")
     if csv_path.is_dir():
-        raise DataError(f"{csv_path} is a directory; --csv must be a CSV file of image paths and labels")
+        raise DataError(f"{csv_path} is a directory; give a CSV file of image paths and labels")
     raw = csv_path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")  # the BOM Excel writes is accepted
@@ -54,36 +88,24 @@ def read_labels(csv_path, image_col=None, label_col=None):
         raise DataError(f"{csv_path} line {line}: NUL byte; a CSV is plain text, save it as 'CSV UTF-8'")
     # Only \n, \r and \r\n end lines, as the csv module counts them: str.splitlines would also break on
     # form feeds, U+0085 and U+2028 inside a name and report rows on lines that no editor shows.
-    rows = csv.reader(io.StringIO(text, newline=""))
-    header = next(rows, None)
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
     if not header or all(not name.strip() for name in header):
         raise DataError(f"{csv_path} is empty; it needs a header row and one row per image")
     header = [name.strip() for name in header]
-    image_col, label_col = _pick_columns(csv_path, header, image_col, label_col)
-    image_at, label_at = header.index(image_col), header.index(label_col)
-
-    records = []
-    for fields in rows:
-        line = rows.line_num
+    rows = []
+    for fields in reader:
         if not any(field.strip() for field in fields):
             continue  # blank lines, often at the end of a file
         if len(fields) != len(header):
             raise DataError(
-                f"{csv_path} line {line}: {len(fields)} fields but the header has {len(header)}; "
+                f"{csv_path} line {reader.line_num}: {len(fields)} fields but the header has {len(header)}; "
                 "quote values that contain commas"
             )
-        image, label = fields[image_at].strip(), fields[label_at].strip()
-        if not image:
-            raise DataError(f"{csv_path} line {line}: empty '{image_col}'; give every row an image path")
-        if label.lower() in MISSING_LABELS:
-            raise DataError(
-                f"{csv_path} line {line}: missing label ({label!r}) for {image}; fill it in or drop the row"
-            )
-        records.append((image.replace("\\", "/"), label, line))
-    if not records:
+        rows.append((reader.line_num, fields))
+    if not rows:
         raise DataError(f"{csv_path} has a header but no rows; add one row per image")
-    samples = pd.DataFrame(records, columns=["image", "label", "line"])
-    return _drop_duplicates(csv_path, samples)
+    return header, rows
 
 
 def _line_at(text, index):
@@ -166,14 +188,15 @@ def check_images(samples, root, csv_path, limit=5):
             with Image.open(path) as im:
                 sizes.append(im.size)
         except Exception as e:  # Pillow raises many types, DecompressionBombError is not an OSError
-            problems.append(f"line {line} {image} ({_reason(e)})")
+            problems.append(f"line {line} {image} ({describe(e)})")
     if problems:
         shown = "; ".join(problems[:limit]) + ("; ..." if len(problems) > limit else "")
         raise DataError(f"{csv_path}: {len(problems)} of {len(samples)} images are unusable under {root}: {shown}")
     return sizes
 
 
-def _reason(error):
+def describe(error):
+    """A short, one-line reason for a failed image, for messages."""
     if isinstance(error, Image.UnidentifiedImageError):
         return "not an image Pillow can read"
     return str(error).splitlines()[0] if str(error) else type(error).__name__
@@ -239,7 +262,7 @@ class MyDataset(Dataset):
             if self.transform is not None:
                 image = self.transform(image)
         except Exception as e:
-            return BadImage(self.images[index], self.lines[index], _reason(e)), self.targets[index]
+            return BadImage(self.images[index], self.lines[index], describe(e)), self.targets[index]
         return image, self.targets[index]
 
     def fill_cache(self, shrink):
