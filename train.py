@@ -814,7 +814,7 @@ def load_checkpoint(path, flag):
         elif "Weights only load failed" in str(e):
             reason = "not a PyTorch checkpoint of tensors (its data is damaged, or unsafe to load)"
         else:
-            reason = f"truncated or not a PyTorch checkpoint ({_one_line(e)[:80]})"
+            reason = "truncated, or not a PyTorch checkpoint at all"
         raise UsageError(f"{flag} {path}: {reason}") from None
 
 

@@ -154,7 +154,7 @@ def test_user_mistakes_exit_2_with_one_line(mistake, untrained_checkpoint, tiny_
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.splitlines()) == 1, err
     expected = {
-        "not_a_checkpoint": "not a readable PyTorch checkpoint",
+        "not_a_checkpoint": "not a PyTorch checkpoint",
         "wrong_checkpoint": "not a checkpoint written by train.py",
         "no_images": "no images found",
         "no_image_column": "no column 'image'",
