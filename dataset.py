@@ -175,6 +175,8 @@ def check_images(samples, root, csv_path, limit=5):
     Returns the image sizes (width, height) in order. Raises one `DataError` listing how many are bad and
     the first few, so a user fixes them all in one go instead of one per run.
     """
+    if not Path(root).is_dir():
+        raise DataError(f"{root}: no such folder; pass the folder the CSV's image paths are relative to with --root")
     problems, sizes = [], []
     for image, line in zip(samples["image"], samples["line"]):
         try:

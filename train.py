@@ -59,16 +59,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see --help)")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows '(default: X)' only where X says something the help text does not."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def get_args_parser():
-    parser = ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--csv", default=str(HERE / "data" / "labels.csv"), help="CSV with a header row: image path, label"
+        "--csv", default=None, help="CSV with a header row: image path, label (default: the sample, data/labels.csv)"
     )
     data.add_argument(
-        "--root", default=str(HERE / "data" / "images"), help="folder the CSV's image paths are relative to"
+        "--root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's folder)"
     )
     data.add_argument("--image-col", default=None, help="column of image paths (default: 'image', or the first of two)")
     data.add_argument("--label-col", default=None, help="column of labels (default: 'label', or the second of two)")
@@ -170,6 +177,10 @@ def get_args_parser():
 
 
 def check_args(args):
+    if args.csv is None:  # the bundled sample, so that `python train.py` works out of the box
+        args.csv, args.root = str(HERE / "data" / "labels.csv"), args.root or str(HERE / "data" / "images")
+    if args.root is None:
+        args.root = str(Path(args.csv).parent)
     positive = {
         "--epochs": args.epochs,
         "--batch-size": args.batch_size,

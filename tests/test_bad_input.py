@@ -26,6 +26,7 @@ import torchvision
 from conftest import FAST, make_image, run_train, write_csv
 from PIL import Image
 
+import train
 from dataset import BACKGROUND_RGB, DataError, load_image, read_labels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -614,3 +615,16 @@ def test_command_line_prints_no_traceback_for_a_bad_csv(tiny_data, tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert result.stderr.startswith("error:") and "labels.csv line 2" in result.stderr
+
+
+def test_missing_root_folder_is_named(tiny_data, tmp_path, capsys):
+    csv_path, _ = tiny_data
+    assert run_train("--csv", csv_path, "--root", tmp_path / "nowhere", *FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "nowhere" in err and "--root" in err and len(err.splitlines()) == 1
+
+
+def test_root_defaults_to_the_csv_folder(tmp_path):
+    args = train.get_args_parser().parse_args(["--csv", str(tmp_path / "labels.csv")])
+    train.check_args(args)
+    assert args.root == str(tmp_path)
