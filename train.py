@@ -1086,7 +1086,8 @@ def fit(args, training, ctx, checkpoint):
                 break
     except BadImageError as e:
         save("last.pt", epoch - 1)  # restarts this epoch on --resume
-        raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images (last.pt saved)") from None
+        saved = "last.pt saved" if ctx["main"] else "last.pt holds the previous epoch"
+        raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images ({saved})") from None
     finally:
         stop.uninstall()
     if stop.signum is not None:
@@ -1241,6 +1242,15 @@ def run_cli(argv=None):
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not dist.is_initialized():
+            raise
+        # Under torchrun, a process that stopped (bad input, a signal) breaks the others' collectives.
+        print(
+            f"error: process {dist.get_rank()} lost the others ({_one_line(e)[:120]}); see the first error above",
+            file=sys.stderr,
+        )
+        return 1
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
