@@ -1093,10 +1093,9 @@ def fit(args, training, ctx, checkpoint):
     if stop.signum is not None:
         save("last.pt", epoch - 1)  # with the weights reached so far; --resume restarts this epoch
         if ctx["main"]:
-            print(
-                f"saved {output_dir / 'last.pt'}; continue with: python train.py --output-dir {output_dir} --resume",
-                file=sys.stderr,
-            )
+            launcher = f"torchrun --nproc_per_node={ctx['world_size']}" if ctx["world_size"] > 1 else "python"
+            command = f"{launcher} train.py --output-dir {output_dir} --resume"
+            print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
         return 128 + stop.signum, best
     return 0, best
 
@@ -1242,13 +1241,12 @@ def run_cli(argv=None):
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except RuntimeError as e:
+    except RuntimeError:
         if not dist.is_initialized():
             raise
         # Under torchrun, a process that stopped (bad input, a signal) breaks the others' collectives.
         print(
-            f"error: process {dist.get_rank()} lost the others ({_one_line(e)[:120]}); see the first error above",
-            file=sys.stderr,
+            f"error: process {dist.get_rank()} stopped because another one failed; see its error above", file=sys.stderr
         )
         return 1
     finally:
