@@ -325,10 +325,10 @@ def load_samples(args):
         return train_samples, val_samples, class_names, split_method, image_sizes
 
     train_samples, val_samples, split_method = split_samples(samples, args.val_split, args.seed, args.split)
-    if len(train_samples) == 0 or len(val_samples) == 0:
-        part = "training" if len(train_samples) == 0 else "validation"
+    if len(train_samples) < 2 or len(val_samples) == 0:  # BatchNorm cannot train on a single image
+        left = {0: "no training images", 1: "1 training image"}.get(len(train_samples), "no validation images")
         raise DataError(
-            f"{args.csv}: --val-split {args.val_split} leaves no {part} images out of {len(samples)}; "
+            f"{args.csv}: --val-split {args.val_split} leaves {left} out of {len(samples)}; "
             "add images or change --val-split"
         )
     # One check of the whole CSV in line order, so one error counts every bad file wherever it was split to.
@@ -441,6 +441,17 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name + ".")
     return model
+
+
+def check_input_size(model, model_name, image_size):
+    """Fail now, not after the first batch, when --image-size is too small for the architecture."""
+    try:
+        with torch.inference_mode():
+            model.eval()(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as e:
+        raise UsageError(
+            f"--image-size {image_size} does not fit {model_name} ({_one_line(e)[:100]}); use a larger size"
+        ) from None
 
 
 def torchvision_weights(model_name, weights):
@@ -834,6 +845,13 @@ def _one_line(error):
     return text[0] if text else type(error).__name__
 
 
+def make_output_dir(output_dir):
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-dir {output_dir}: cannot create it ({e.strerror or e})") from None
+
+
 def remove_stale_temp_files(output_dir):
     for stale in Path(output_dir).glob(".*.tmp"):
         stale.unlink(missing_ok=True)
@@ -914,6 +932,7 @@ def main(args, argv=None):
     mean, std, resize_size = preprocessing_of(args)
     ctx = make_context(args, device, mean, std, rank, world_size)
     model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
+    check_input_size(model, args.model, args.image_size)
     transforms = build_transforms(args.image_size, mean, std, resize_size)
     train_loader, val_loader, workers, cached = build_dataloaders(
         args, train_samples, val_samples, class_names, transforms, device, image_sizes, rank, world_size
@@ -927,7 +946,7 @@ def main(args, argv=None):
         load_training_state(checkpoint, model, optimizer, scheduler, scaler)
 
     if ctx["main"]:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        make_output_dir(output_dir)
         remove_stale_temp_files(output_dir)
         write_split(output_dir, train_samples, val_samples)
         print_setup(args, ctx, train_samples, val_samples, class_names, split_method, workers, cached, output_dir)
@@ -1185,7 +1204,7 @@ def evaluate_checkpoint(args, typed, device):
     loader = DataLoader(val_set, 2 * args.batch_size, **loader_options(workers, device))
     stats = evaluate(model, loader, ctx, len(class_names))
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.evaluate).parent
-    output_dir.mkdir(parents=True, exist_ok=True)
+    make_output_dir(output_dir)
     write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {csv_path}")
     return 0
 
@@ -1240,6 +1259,12 @@ def run_cli(argv=None):
         return main(args, argv)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.OutOfMemoryError:
+        print(
+            f"error: out of {args.device} memory at --batch-size {args.batch_size}; lower --batch-size or --image-size",
+            file=sys.stderr,
+        )
         return 2
     except RuntimeError:
         if not dist.is_initialized():

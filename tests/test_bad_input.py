@@ -628,3 +628,29 @@ def test_root_defaults_to_the_csv_folder(tmp_path):
     args = train.get_args_parser().parse_args(["--csv", str(tmp_path / "labels.csv")])
     train.check_args(args)
     assert args.root == str(tmp_path)
+
+
+def test_output_dir_that_cannot_be_created_is_named(tiny_data, tmp_path, capsys):
+    csv_path, root = tiny_data
+    (tmp_path / "a_file").write_text("not a folder")
+    assert run_train("--csv", csv_path, "--root", root, *FAST, "--output-dir", tmp_path / "a_file" / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --output-dir") and len(err.splitlines()) == 1
+
+
+def test_image_size_too_small_for_the_model_is_refused_before_training(tiny_data, tmp_path, capsys):
+    csv_path, root = tiny_data
+    fast = [a if a != "resnet18" else "inception_v3" for a in FAST]
+    assert run_train("--csv", csv_path, "--root", root, *fast, "--output-dir", tmp_path / "run") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --image-size 32") and "inception_v3" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_a_single_training_image_is_refused(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for name, label in (("a.png", 0), ("b.png", 1), ("c.png", 1)):
+        make_image(tmp_path / name, label, rng)
+    csv_path = write_csv(tmp_path / "labels.csv", [("a.png", "x"), ("b.png", "y"), ("c.png", "y")])
+    assert run_train("--csv", csv_path, *FAST, "--split", "random", "--val-split", "0.5") == 2
+    assert "leaves 1 training image" in capsys.readouterr().err
