@@ -254,8 +254,9 @@ def default_workers(device, world_size):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     cores_per_process = max(1, cores // world_size)
     if device.type == "cpu":
-        # The model trains on these same cores: one loader process keeps up and steals the least.
-        return 1 if cores_per_process > 1 else 0
+        # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
+        # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
+        return 0
     return min(8, cores_per_process)
 
 

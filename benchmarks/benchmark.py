@@ -1,0 +1,425 @@
+"""Training throughput: the original tutorial script's loop (A) against train.py's own training path (B).
+
+    python benchmarks/benchmark.py                    # 96 synthetic JPEGs, 224 px, batch 16, 3 rounds
+    python benchmarks/benchmark.py --workers 0        # flags for B are passed to train.py's own parser
+    python benchmarks/benchmark.py --amp off --rounds 5
+
+Both sides train resnet34 on the same synthetic JPEG images, written to a temporary folder with a labels CSV
+and decoded by each side's own dataset. One round is one epoch of A, then one epoch of B (each side keeps
+its model and optimizer across rounds, as a real run does), then one epoch of each side's DataLoader alone
+(no model). Epochs include DataLoader worker start-up, which both sides pay every epoch on the CPU. The
+medians over the rounds are reported.
+
+A, "original": a copy of the tutorial's main() (/work/shared/seed): torchvision.transforms v1
+RandomResizedCrop + flip + ToTensor + Normalize on PIL images decoded from disk every epoch,
+nw = min(cpu_count, batch_size, 8) workers, resnet34 with its fc replaced, fp32, Adam 1e-4,
+optimizer.zero_grad() and `running_loss += loss.item()` every step. Left out: the random 70/30 split (both
+sides train on all --images images), the progress print and the validation pass.
+
+B, "ours": train.py's get_args_parser / build_transforms / build_dataloaders (MyDataset, its worker count and
+its RAM cache decision) / build_model / build_optimizer / build_scheduler / build_loss / train_one_epoch, with
+the amp, channels_last and ctx that train.main() sets up.
+"""
+
+import argparse
+import contextlib
+import csv
+import io
+import os
+import platform
+import random
+import signal
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+NUM_CLASSES = 5  # the tutorial's nn.Linear(in_channel, 5)
+
+
+def load_train():
+    """train.py, imported from the repository root (sys.path is changed here, not when this file is imported)."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    import train
+
+    return train
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:1, mps")
+    parser.add_argument("--image-size", type=int, default=224, help="training crop size")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per step")
+    parser.add_argument("--images", type=int, default=96, help="synthetic training images (about 256x256 JPEGs)")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per side, interleaved A, B, A, B, ...")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="untimed training steps per side before round 1")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the images, the models and the shuffling")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch.set_num_threads for both sides; None leaves torch's default"
+    )
+    ours = parser.add_argument_group("passed to train.py for B (train.py's defaults when left out)")
+    ours.add_argument("--workers", type=int, default=None, help="DataLoader worker processes; None: train.py's default")
+    ours.add_argument("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision")
+    ours.add_argument("--cache", choices=["auto", "on", "off"], default="auto", help="decode images once into RAM")
+    ours.add_argument("--compile", action="store_true", help="torch.compile the model (compiled during warmup)")
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------- data
+
+
+def make_images(folder, count, seed=0, size=256):
+    """`count` JPEGs of about size x size (smooth colour fields plus noise) and a labels CSV with 5 integer labels.
+
+    Returns (csv_path, image_root).
+    """
+    rng = np.random.default_rng(seed)
+    root = Path(folder) / "images"
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(count):
+        width, height = (int(size * rng.uniform(0.9, 1.1)) for _ in range(2))
+        coarse = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.int16)
+        pixels = np.clip(smooth + rng.integers(-25, 26, smooth.shape), 0, 255).astype(np.uint8)
+        name = f"img_{index:04d}.jpg"
+        Image.fromarray(pixels).save(root / name, quality=90)
+        rows.append((name, index % NUM_CLASSES))
+    csv_path = Path(folder) / "labels.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "label"])
+        writer.writerows(rows)
+    return csv_path, root
+
+
+# ------------------------------------------------------------------------------------------- A: original
+
+
+class OriginalDataset(torch.utils.data.Dataset):
+    """The tutorial's MyDataset (its code is not shown there): CSV rows, PIL open + convert('RGB'), transform."""
+
+    def __init__(self, csv_path, root, transform=None):
+        import pandas as pd
+
+        frame = pd.read_csv(csv_path)
+        self.images = list(frame["image"])
+        self.labels = [int(label) for label in frame["label"]]
+        self.root = str(root)
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        image = Image.open(os.path.join(self.root, self.images[index])).convert("RGB")
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.labels[index]
+
+
+class Original:
+    """The tutorial's main(), set up once; `epoch` runs its training loop once over the data."""
+
+    name = "original"
+
+    def __init__(self, csv_path, root, image_size, batch_size, device):
+        import torch.optim as optim
+        import torchvision.models as models
+        from torchvision import transforms
+
+        data_transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(image_size),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+            ]
+        )
+        dataset = OriginalDataset(csv_path, root, transform=data_transform)
+        nw = min([os.cpu_count(), batch_size if batch_size > 1 else 0, 8])  # number of workers
+        self.workers = nw
+        self.loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=nw)
+        net = models.resnet34()
+        in_channel = net.fc.in_features
+        net.fc = nn.Linear(in_channel, NUM_CLASSES)
+        net.to(device)
+        self.net = net
+        self.device = device
+        self.loss_function = nn.CrossEntropyLoss()
+        params = [p for p in net.parameters() if p.requires_grad]
+        self.optimizer = optim.Adam(params, lr=0.0001)
+        self.describe = f"fp32, loader workers {nw}, decode from disk every epoch"
+
+    def activate(self):
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False  # the tutorial leaves it at PyTorch's default
+
+    def epoch(self, max_steps=None):
+        net, device, optimizer = self.net, self.device, self.optimizer
+        net.train()
+        running_loss = 0.0
+        seen = 0
+        for step, data in enumerate(self.loader):
+            images, labels = data
+            optimizer.zero_grad()
+            logits = net(images.to(device))
+            loss = self.loss_function(logits, labels.to(device))
+            loss.backward()
+            optimizer.step()
+            running_loss += loss.item()
+            seen += len(labels)
+            if max_steps and step + 1 >= max_steps:
+                break
+        return seen
+
+
+# ------------------------------------------------------------------------------------------------ B: ours
+
+
+class StopAfterSteps:
+    """Stands in for train.StopRequest to end an epoch early (warmup): train_one_epoch reads `signum` once per
+    step in a single process, and stops when it is not None."""
+
+    def __init__(self, steps):
+        self.left = steps
+
+    @property
+    def signum(self):
+        self.left -= 1
+        return None if self.left > 0 else signal.SIGINT
+
+
+class Ours:
+    """train.py's training path, set up the way train.main() sets it up; `epoch` is one train_one_epoch."""
+
+    name = "ours"
+
+    def __init__(self, csv_path, root, opts):
+        train = load_train()
+        self.train = train
+        argv = ["--csv", str(csv_path), "--root", str(root), "--model", "resnet34"]
+        argv += ["--image-size", str(opts.image_size), "--batch-size", str(opts.batch_size), "--device", opts.device]
+        argv += ["--amp", opts.amp, "--cache", opts.cache, "--seed", str(opts.seed)]
+        argv += ["--workers", str(opts.workers)] if opts.workers is not None else []
+        argv += ["--compile"] if opts.compile else []
+        args = train.get_args_parser().parse_args(argv)
+        train.check_args(args)
+        self.args = args
+        device = train.choose_device(args.device)
+        self.device = device
+
+        # Every image trains (no split, like A); a one-image validation set only because build_dataloaders wants one.
+        samples = train.read_labels(args.csv, args.image_col, args.label_col)
+        class_names = train.sorted_class_names(samples["label"])
+        val_samples = samples.head(1)
+        image_sizes = train.check_images(samples, args.root, args.csv) + train.check_images(
+            val_samples, args.root, args.csv
+        )
+
+        # As in train.main(), in its order.
+        torch.manual_seed(args.seed)
+        random.seed(args.seed)
+        np.random.seed(args.seed)
+        amp = train.choose_amp(args.amp, device)
+        channels_last = device.type in ("cpu", "cuda")  # copied from train.main(), which decides it inline
+        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
+        mean, std, resize_size = train.preprocessing_of(args)
+        transforms = train.build_transforms(args.image_size, mean, std, resize_size)
+        started = time.perf_counter()
+        with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
+            self.loader, _, workers, cached = train.build_dataloaders(
+                args, samples, val_samples, class_names, transforms, device, image_sizes, 0, 1
+            )
+        self.setup_seconds = time.perf_counter() - started
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        self.optimizer = train.build_optimizer(model, args)
+        self.scheduler = train.build_scheduler(self.optimizer, args, len(self.loader))
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        self.loss_fn = train.build_loss(args, self.loader.dataset.targets, len(class_names), device)
+        self.model = torch.compile(model) if args.compile else model
+        self.ctx = dict(
+            device=device,
+            amp=amp,
+            channels_last=channels_last,
+            main=True,
+            world_size=1,
+            epochs=args.epochs,
+            mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
+            std=torch.tensor(std, device=device).view(1, 3, 1, 1),
+            bad_images=train.BadImageLog(args.skip_bad_images),
+        )
+        self.epochs_run = 0
+        self.amp, self.channels_last, self.workers, self.cached = amp, channels_last, workers, cached
+        self.describe = (
+            f"{'fp32' if amp is None else str(amp).removeprefix('torch.') + ' autocast'}"
+            f"{', channels_last' if channels_last else ''}, loader workers {workers}"
+            f"{f', RAM cache (filled in {self.setup_seconds:.1f} s, untimed)' if cached else ', no RAM cache'}"
+            f"{', torch.compile' if args.compile else ''}"
+        )
+
+    def activate(self):
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as train.main() sets it
+
+    def epoch(self, max_steps=None):
+        self.epochs_run += 1
+        stop = StopAfterSteps(max_steps) if max_steps else self.train.StopRequest()  # never installed
+        # train_one_epoch's progress bar (and its once-a-second loss read) runs as in training; its text is dropped.
+        with contextlib.redirect_stderr(io.StringIO()):
+            stats = self.train.train_one_epoch(
+                self.model,
+                self.loader,
+                self.loss_fn,
+                self.optimizer,
+                self.scheduler,
+                self.scaler,
+                self.ctx,
+                self.epochs_run,
+                stop,
+            )
+        return int(stats["count"])
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
+def timed(run, device):
+    """(images, seconds) for run(), which returns how many images it processed."""
+    synchronize(device)
+    started = time.perf_counter()
+    images = run()
+    synchronize(device)
+    return images, time.perf_counter() - started
+
+
+def drain(loader):
+    """One epoch of a DataLoader alone; the number of images it delivered."""
+    images = 0
+    for batch in loader:
+        images += len(batch[0]) if batch[0] is not None else 0
+    return images
+
+
+def machine_line(device, threads):
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = platform.processor() or platform.machine()
+        with contextlib.suppress(OSError):
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f", load average {os.getloadavg()[0]:.1f} at start" if hasattr(os, "getloadavg") else ""
+    import torchvision
+
+    return (
+        f"machine: {device} {name}, {cores} usable cores (os.cpu_count {os.cpu_count()}), torch threads {threads}, "
+        f"torch {torch.__version__}, torchvision {torchvision.__version__}, python {platform.python_version()}{load}"
+    )
+
+
+def rate(images, seconds):
+    return images / seconds if seconds > 0 else float("nan")
+
+
+def main(argv=None):
+    parser = get_args_parser()
+    opts = parser.parse_args(argv)
+    for flag, value, least in (
+        ("--images", opts.images, 1),
+        ("--rounds", opts.rounds, 1),
+        ("--warmup-steps", opts.warmup_steps, 0),
+    ):
+        if value < least:
+            parser.error(f"{flag} must be at least {least}, got {value}")
+    train = load_train()
+    try:
+        return run(opts)
+    except (train.UsageError, train.DataError) as e:  # train.py's own one-line messages, e.g. for --device
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(opts):
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    torch.manual_seed(opts.seed)
+    with tempfile.TemporaryDirectory(prefix="benchmark-") as folder:
+        started = time.perf_counter()
+        csv_path, root = make_images(folder, opts.images, opts.seed)
+        made = time.perf_counter() - started
+        ours = Ours(csv_path, root, opts)  # first: it validates the flags with train.py's own parser
+        device = ours.device
+        original = Original(csv_path, root, opts.image_size, opts.batch_size, device)
+        sides = [original, ours]
+        amp = "fp32" if ours.amp is None else str(ours.amp).removeprefix("torch.")
+        print(machine_line(device, torch.get_num_threads()) + f", amp choice {amp}", flush=True)
+        print(
+            f"data: {opts.images} synthetic JPEGs of ~256x256 (written in {made:.1f} s), {NUM_CLASSES} classes, "
+            f"image size {opts.image_size}, batch {opts.batch_size}, {len(original.loader)} steps per epoch, "
+            f"warmup {opts.warmup_steps} steps per side, {opts.rounds} rounds"
+        )
+        for side in sides:
+            print(f"{side.name:>8}: {side.describe}")
+
+        for side in sides if opts.warmup_steps > 0 else []:
+            side.activate()
+            images, seconds = timed(lambda s=side: s.epoch(opts.warmup_steps), device)
+            print(f"warmup {side.name}: {images} images in {seconds:.1f} s", flush=True)
+
+        train_rates = {side.name: [] for side in sides}
+        loader_rates = {side.name: [] for side in sides}
+        for round_index in range(1, opts.rounds + 1):
+            parts = []
+            for side in sides:
+                side.activate()
+                images, seconds = timed(side.epoch, device)
+                train_rates[side.name].append(rate(images, seconds))
+                parts.append(f"{side.name} {train_rates[side.name][-1]:.2f} img/s ({seconds:.1f} s)")
+            for side in sides:
+                images, seconds = timed(lambda s=side: drain(s.loader), device)
+                loader_rates[side.name].append(rate(images, seconds))
+            loaders = ", ".join(f"{name} {rates[-1]:.1f}" for name, rates in loader_rates.items())
+            print(
+                f"round {round_index}/{opts.rounds}: train {'  '.join(parts)}  | loader only img/s: {loaders}",
+                flush=True,
+            )
+
+        a, b = (statistics.median(train_rates[name]) for name in ("original", "ours"))
+        la, lb = (statistics.median(loader_rates[name]) for name in ("original", "ours"))
+        paired = statistics.median(rb / ra for ra, rb in zip(train_rates["original"], train_rates["ours"]))
+        print(
+            f"train img/s (median of {opts.rounds}): original (A) {a:.2f}, ours (B) {b:.2f}, B/A {b / a:.2f}x "
+            f"(median of the per-round B/A: {paired:.2f}x)"
+        )
+        print(
+            f"loader only img/s (median of {opts.rounds}): original {la:.1f}, ours {lb:.1f}, "
+            f"ours/original {lb / la:.2f}x"
+        )
+        if hasattr(os, "getloadavg"):
+            print(f"load average at the end {os.getloadavg()[0]:.1f} (other processes on these cores skew all numbers)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
