@@ -891,9 +891,12 @@ def explicit_flags(argv):
 
 
 def apply_saved_args(args, saved_args, typed, may_differ):
-    """Take a saved run's settings: flags in `may_differ` typed now override them; others must not differ."""
+    """Take a saved run's settings: flags in `may_differ` typed now override them; others must not differ.
+
+    The device is never taken from the saved run: it is a property of the machine the run continues on.
+    """
     for name, value in saved_args.items():
-        if name in ("resume", "output_dir", "evaluate") or not hasattr(args, name):
+        if name in ("resume", "output_dir", "evaluate", "device") or not hasattr(args, name):
             continue
         if name in typed:
             if name not in may_differ and getattr(args, name) != value:
@@ -1261,9 +1264,12 @@ def run_cli(argv=None):
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started or after it ended: nothing to save
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     except torch.OutOfMemoryError:
         print(
-            f"error: out of {args.device} memory at --batch-size {args.batch_size}; lower --batch-size or --image-size",
+            f"error: out of device memory at --batch-size {args.batch_size}; lower --batch-size or --image-size",
             file=sys.stderr,
         )
         return 2

@@ -26,6 +26,12 @@ def make_image(path, label_index, rng, size=40, mode="RGB"):
     image.save(path)
 
 
+def read_rows(path):
+    """A CSV file as a list of dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def write_csv(path, rows, header=("image", "label")):
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)

@@ -1,20 +1,14 @@
 """Two processes on the CPU under torchrun (gloo), as on two GPUs."""
 
-import csv
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
-from conftest import FAST, run_train
+from conftest import FAST, read_rows, run_train
 
 TESTS = Path(__file__).resolve().parent
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_two_processes_train_one_model_and_count_every_validation_image_once(tiny_data, tmp_path):

@@ -1,19 +1,13 @@
 """Evaluation report, --evaluate, fine-tuning and the training options users ask for."""
 
-import csv
 import math
 
 import pytest
 import torch
 import torchvision
-from conftest import FAST, run_train, write_csv
+from conftest import FAST, read_rows, run_train, write_csv
 
 import train
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def options(*argv):

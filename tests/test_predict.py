@@ -1,22 +1,16 @@
 """predict.py: predictions for folders and CSVs, reproducing validation accuracy, and refusing bad input."""
 
-import csv
 import math
 import shutil
 
 import pytest
 import torch
-from conftest import write_csv
+from conftest import read_rows, write_csv
 
 import predict
 import train
 
 CLASSES = ["cat", "dog", "fox"]
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def run_predict(*argv):

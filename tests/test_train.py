@@ -1,18 +1,11 @@
 """End-to-end behaviour of train.py: what a run writes, and the checkpoint it leaves."""
 
-import csv
-
 import pytest
 import torch
-from conftest import FAST, run_train
+from conftest import FAST, read_rows, run_train
 
 import train
 from dataset import load_image, read_labels, sorted_class_names
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_run_writes_checkpoints_metrics_and_split(train_tiny):
