@@ -33,7 +33,15 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRan
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from dataset import DataError, MyDataset, check_images, collate_skipping_bad, read_labels, sorted_class_names
+from dataset import (
+    DataError,
+    MyDataset,
+    check_images,
+    collate_skipping_bad,
+    read_labels,
+    resolve_image_path,
+    sorted_class_names,
+)
 
 CHECKPOINT_VERSION = 1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -323,6 +331,14 @@ def load_samples(args):
             raise DataError(f"{args.val_csv}: labels not among the training classes: {', '.join(unknown[:5])}")
         image_sizes = check_images(train_samples, args.root, args.csv)
         image_sizes += check_images(val_samples, args.val_root or args.root, args.val_csv)
+        train_files = {resolve_image_path(args.root, p) for p in train_samples["image"]}
+        shared = sum(resolve_image_path(args.val_root or args.root, p) in train_files for p in val_samples["image"])
+        if shared:
+            print(
+                f"warning: {shared} of the {len(val_samples)} --val-csv images are also in --csv; "
+                "validation accuracy will look better than it is",
+                file=sys.stderr,
+            )
         return train_samples, val_samples, class_names, split_method, image_sizes
 
     train_samples, val_samples, split_method = split_samples(samples, args.val_split, args.seed, args.split)
@@ -432,7 +448,7 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
     kwargs = {"aux_logits": False} if model_name in ("googlenet", "inception_v3") else {}
     if weights is None:
         model = torchvision.models.get_model(model_name, **kwargs)
-    elif weights.endswith((".pth", ".pt", ".bin")) or os.sep in weights or "/" in weights:
+    elif is_weights_file(weights):
         model = torchvision.models.get_model(model_name, **kwargs)
         load_weights_file(model, weights, model_name)
     else:
@@ -442,6 +458,11 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name + ".")
     return model
+
+
+def is_weights_file(weights):
+    """A --weights value is a local file (rather than a torchvision weights name such as DEFAULT)."""
+    return weights.endswith((".pth", ".pt", ".bin")) or "/" in weights or os.sep in weights or os.path.isfile(weights)
 
 
 def check_input_size(model, model_name, image_size):
@@ -924,6 +945,10 @@ def main(args, argv=None):
         dist.broadcast_object_list(shared, src=0)
         output_dir = Path(shared[0])
     checkpoint = find_resume_checkpoint(args, output_dir, typed)
+    if checkpoint is None and any((output_dir / name).exists() for name in ("last.pt", "best.pt")):
+        raise UsageError(
+            f"--output-dir {output_dir} already holds a run; add --resume to continue it, or choose another directory"
+        )
 
     train_samples, val_samples, class_names, split_method, image_sizes = load_samples(args)
     digest = split_digest(train_samples, val_samples)
@@ -1223,7 +1248,7 @@ def load_our_checkpoint(path, flag):
 def preprocessing_of(args):
     """Normalisation and validation resize: the pretrained weights' own when they define them, else ImageNet's."""
     mean, std, resize_size = IMAGENET_MEAN, IMAGENET_STD, None
-    if args.weights and not (args.weights.endswith((".pth", ".pt", ".bin")) or "/" in args.weights):
+    if args.weights and not is_weights_file(args.weights):
         try:
             preset = torchvision.models.get_model_weights(args.model)[args.weights.split(".")[-1]].transforms()
             mean, std = tuple(preset.mean), tuple(preset.std)

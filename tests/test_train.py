@@ -122,3 +122,18 @@ def test_summary_line_per_epoch_and_best_at_the_end(train_tiny, capsys):
 )
 def test_class_names_sort_numerically_when_integers_and_stay_text(labels, expected):
     assert sorted_class_names(labels) == expected
+
+
+def test_an_earlier_run_in_the_output_dir_is_never_overwritten(train_tiny, capsys):
+    status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    before = (run_dir / "last.pt").read_bytes()
+    assert train_tiny("--epochs", "1", output_dir=run_dir)[0] == 2
+    assert "--resume" in capsys.readouterr().err
+    assert (run_dir / "last.pt").read_bytes() == before
+
+
+def test_validation_images_that_are_also_training_images_are_warned_about(train_tiny, tiny_data, capsys):
+    status, _ = train_tiny("--epochs", "1", "--val-csv", tiny_data[0])
+    assert status == 0
+    assert "24 of the 24 --val-csv images are also in --csv" in capsys.readouterr().err
