@@ -148,6 +148,8 @@ def test_a_signal_saves_last_checkpoint_and_exits_with_its_status(tiny_data, tmp
     assert printed(process, "epoch 1/500")
     sent = time.monotonic()
     process.send_signal(signum)
+    time.sleep(0.2)
+    process.send_signal(signum)  # a second one, impatient, while the first is being handled
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status, stderr
     assert time.monotonic() - sent < 20
@@ -173,6 +175,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
         process.communicate()
         kills += 1
         torch.load(killed / "last.pt", weights_only=True)  # must always load
+        torch.load(killed / "best.pt", weights_only=True)
     assert kills >= 2
     finish = subprocess.run(start_training(tiny_data, killed, "--epochs", epochs, "--resume").args, capture_output=True)
     assert finish.returncode == 0, finish.stderr
