@@ -543,10 +543,12 @@ def build_optimizer(model, args):
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # One fused kernel per step on CUDA; on the CPU, measured no faster than the default (foreach).
+    fused = True if next(model.parameters()).is_cuda else None
     if args.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum)
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum, fused=fused)
     optimizer_class = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return optimizer_class(groups, lr=args.lr)
+    return optimizer_class(groups, lr=args.lr, fused=fused)
 
 
 def build_scheduler(optimizer, args, steps_per_epoch):
@@ -960,6 +962,7 @@ def main(args, argv=None):
     np.random.seed(args.seed)
     mean, std, resize_size = preprocessing_of(args)
     ctx = make_context(args, device, mean, std, rank, world_size)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # input sizes are fixed: pick the fastest kernels once
     model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
     check_input_size(model, args.model, args.image_size)
     transforms = build_transforms(args.image_size, mean, std, resize_size)
