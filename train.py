@@ -1135,19 +1135,21 @@ def fit(args, training, ctx, checkpoint):
                 if ctx["main"]:
                     print(f"no better {args.best_metric} for {args.patience} epochs: stopping early")
                 break
+        if stop.signum is not None:
+            # The weights reached so far (--resume restarts this epoch), saved while the handlers still catch a
+            # second signal, so it cannot break the save.
+            save("last.pt", epoch - 1)
+            if ctx["main"]:
+                launcher = f"torchrun --nproc_per_node={ctx['world_size']}" if ctx["world_size"] > 1 else "python"
+                command = f"{launcher} train.py --output-dir {output_dir} --resume"
+                print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
+            return 128 + stop.signum, best
     except BadImageError as e:
         save("last.pt", epoch - 1)  # restarts this epoch on --resume
         saved = "last.pt saved" if ctx["main"] else "last.pt holds the previous epoch"
         raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images ({saved})") from None
     finally:
         stop.uninstall()
-    if stop.signum is not None:
-        save("last.pt", epoch - 1)  # with the weights reached so far; --resume restarts this epoch
-        if ctx["main"]:
-            launcher = f"torchrun --nproc_per_node={ctx['world_size']}" if ctx["world_size"] > 1 else "python"
-            command = f"{launcher} train.py --output-dir {output_dir} --resume"
-            print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
-        return 128 + stop.signum, best
     return 0, best
 
 
