@@ -260,7 +260,7 @@ class MyDataset(Dataset):
 
     def __getitem__(self, index):
         try:
-            image = self._cached(index) if self.cache else load_image(resolve_image_path(self.root, self.images[index]))
+            image = self._cached(index) if self.cache else self._load(index)
             if self.transform is not None:
                 image = self.transform(image)
         except Exception as e:
@@ -276,7 +276,7 @@ class MyDataset(Dataset):
         decoded = []
         for index in range(len(self)):
             try:
-                image = shrink(load_image(resolve_image_path(self.root, self.images[index])))
+                image = shrink(self._load(index))
                 decoded.append(np.asarray(image))
             except Exception:
                 decoded.append(None)
@@ -288,11 +288,14 @@ class MyDataset(Dataset):
                 pixels[start : start + a.size].numpy()[:] = a.reshape(-1)
         self.cache = (pixels, offsets.tolist(), shapes)
 
+    def _load(self, index):
+        return load_image(resolve_image_path(self.root, self.images[index]))
+
     def _cached(self, index):
         pixels, offsets, shapes = self.cache
         height, width, _ = shapes[index]
-        if height == 0:
-            return load_image(resolve_image_path(self.root, self.images[index]))
+        if height == 0:  # failed when the cache was filled: fail again now, and be reported
+            return self._load(index)
         start = offsets[index]
         array = pixels[start : start + height * width * 3].numpy().reshape(height, width, 3)
         return Image.fromarray(array)

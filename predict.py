@@ -122,14 +122,7 @@ def load_model(path, device, channels_last):
     needed = ("model", "model_name", "class_names", "image_size", "mean", "std")
     if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in needed):
         raise UsageError(f"checkpoint {path}: not a checkpoint written by train.py")
-    model = train.build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        detail = train._one_line(e)[:150]
-        raise UsageError(f"checkpoint {path}: weights do not fit {checkpoint['model_name']} ({detail})") from None
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    return model.eval(), checkpoint
+    return train.model_from_checkpoint(checkpoint, f"checkpoint {path}", device, channels_last), checkpoint
 
 
 def main(args):

@@ -1223,15 +1223,8 @@ def evaluate_checkpoint(args, typed, device):
     if unknown:
         raise DataError(f"{csv_path}: labels the checkpoint does not know: {', '.join(unknown[:5])}")
     check_images(samples, root, csv_path)
-    model = build_model(checkpoint["model_name"], len(class_names))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except RuntimeError as e:
-        raise UsageError(
-            f"--evaluate {args.evaluate}: weights do not fit {checkpoint['model_name']} ({_one_line(e)[:150]})"
-        ) from None
     ctx = make_context(args, device, checkpoint["mean"], checkpoint["std"])
-    model.to(device, memory_format=torch.channels_last if ctx["channels_last"] else torch.contiguous_format)
+    model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", device, ctx["channels_last"])
     val_transform = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])["val"]
     val_set = MyDataset(samples, root, class_names, val_transform)
     workers = default_workers(device, 1) if args.workers is None else args.workers
@@ -1241,6 +1234,17 @@ def evaluate_checkpoint(args, typed, device):
     make_output_dir(output_dir)
     write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {csv_path}")
     return 0
+
+
+def model_from_checkpoint(checkpoint, source, device, channels_last):
+    """The trained model a checkpoint holds, on `device`, ready for evaluation."""
+    model = build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
+    try:
+        model.load_state_dict(checkpoint["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"{source}: weights do not fit {checkpoint['model_name']} ({_one_line(e)[:150]})") from None
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    return model.eval()
 
 
 def load_our_checkpoint(path, flag):
