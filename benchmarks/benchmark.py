@@ -18,7 +18,7 @@ sides train on all --images images), the progress print and the validation pass.
 
 B, "ours": train.py's get_args_parser / build_transforms / build_dataloaders (MyDataset, its worker count and
 its RAM cache decision) / build_model / build_optimizer / build_scheduler / build_loss / train_one_epoch, with
-the amp, channels_last and ctx that train.main() sets up.
+the context (amp, channels_last) from train.make_context, as train.main() uses it.
 """
 
 import argparse
@@ -231,10 +231,10 @@ class Ours:
         torch.manual_seed(args.seed)
         random.seed(args.seed)
         np.random.seed(args.seed)
-        amp = train.choose_amp(args.amp, device)
-        channels_last = device.type in ("cpu", "cuda")  # copied from train.main(), which decides it inline
-        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
         mean, std, resize_size = train.preprocessing_of(args)
+        self.ctx = train.make_context(args, device, mean, std)
+        amp, channels_last = self.ctx["amp"], self.ctx["channels_last"]
+        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
         transforms = train.build_transforms(args.image_size, mean, std, resize_size)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
@@ -248,17 +248,6 @@ class Ours:
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
         self.loss_fn = train.build_loss(args, self.loader.dataset.targets, len(class_names), device)
         self.model = torch.compile(model) if args.compile else model
-        self.ctx = dict(
-            device=device,
-            amp=amp,
-            channels_last=channels_last,
-            main=True,
-            world_size=1,
-            epochs=args.epochs,
-            mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-            std=torch.tensor(std, device=device).view(1, 3, 1, 1),
-            bad_images=train.BadImageLog(args.skip_bad_images),
-        )
         self.epochs_run = 0
         self.amp, self.channels_last, self.workers, self.cached = amp, channels_last, workers, cached
         self.describe = (
