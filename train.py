@@ -382,7 +382,7 @@ def build_dataloaders(args, train_samples, val_samples, class_names, transforms,
         val_set.fill_cache(transforms["val"].transforms[0])
 
     workers = default_workers(device, world_size) if args.workers is None else args.workers
-    generator = torch.Generator().manual_seed(args.seed + rank)
+    generator = torch.Generator()  # seeded at the start of every epoch by seed_epoch
     if world_size > 1:
         if args.balanced_sampler:
             raise UsageError("--balanced-sampler does not work under torchrun yet; use --class-weights balanced")
@@ -593,8 +593,10 @@ class StopRequest:
             self.previous[signum] = signal.signal(signum, self._handle)
 
     def uninstall(self):
+        # After a stop the process is on its way out: further signals are ignored, so that a second Ctrl-C
+        # during shutdown cannot turn the clean exit into a KeyboardInterrupt or a death by signal.
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, signal.SIG_IGN if self.signum is not None else handler)
 
     def _handle(self, signum, frame):
         if self.signum is None:
