@@ -10,14 +10,17 @@ import io
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 from torch.utils.data import Dataset, default_collate
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from tqdm import tqdm
 
 # Transparent pixels are composited onto this colour (white, like a page or a viewer's background).
 BACKGROUND_RGB = (255, 255, 255)
@@ -137,7 +140,10 @@ def _drop_duplicates(csv_path, samples):
     for image, rows in repeated.groupby("image", sort=False):
         if rows["label"].nunique() > 1:
             lines = ", ".join(str(n) for n in rows["line"])
-            raise DataError(f"{csv_path}: {image} has conflicting labels on lines {lines}; keep one label per image")
+            hint = "keep one label per image"
+            if _looks_like_images(samples["label"]) and not _looks_like_images(samples["image"]):
+                hint = "the columns look swapped (labels first?); name them with --image-col and --label-col"
+            raise DataError(f"{csv_path}: {image} has conflicting labels on lines {lines}; {hint}")
     if len(repeated):
         unique = samples.drop_duplicates("image").reset_index(drop=True)
         print(
@@ -148,12 +154,93 @@ def _drop_duplicates(csv_path, samples):
     return samples
 
 
+def _looks_like_images(values):
+    """Most values end in an image file extension."""
+    return sum(has_file_allowed_extension(str(v), IMG_EXTENSIONS) for v in values) > len(values) / 2
+
+
 def sorted_class_names(labels):
     """The distinct labels in order: numerically when they are all integers, else alphabetically."""
     names = set(labels)
     if all(re.fullmatch(r"[+-]?\d+", name) for name in names):
         return sorted(names, key=lambda name: (int(name), name))
     return sorted(names)
+
+
+def where(line, image):
+    """How messages point at an image: its CSV line when it came from a CSV, else its path."""
+    return f"line {line} {image}" if line else str(image)
+
+
+def _visible(name):
+    # Hidden entries are never classes or images: .DS_Store, .ipynb_checkpoints/, macOS '._x.jpg' files.
+    return not name.startswith(".") and name != "__MACOSX"
+
+
+def _class_folder_images(folder):
+    """The images under folder/<class>/ (recursively), as a DataFrame of image (relative to folder), label,
+    line (0: not from a CSV). Stray files beside the class folders are ignored; an empty class folder is warned
+    about and is not a class."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir() and _visible(entry.name))
+    # torchvision's own walker and image extensions; hidden parts below a class folder are skipped too.
+    found = make_dataset(
+        str(folder),
+        {name: i for i, name in enumerate(classes)},
+        is_valid_file=lambda path: (
+            has_file_allowed_extension(path, IMG_EXTENSIONS)
+            and all(_visible(part) for part in Path(path).relative_to(folder).parts)
+        ),
+        allow_empty=True,
+    )
+    records = [(Path(path).relative_to(folder).as_posix(), classes[target], 0) for path, target in found]
+    samples = pd.DataFrame(records, columns=["image", "label", "line"])
+    for name in sorted(set(classes) - set(samples["label"])):
+        print(
+            f"warning: {Path(folder) / name} has no images ({', '.join(IMG_EXTENSIONS)}); it is not a class",
+            file=sys.stderr,
+        )
+    return samples
+
+
+def image_folders(data_dir):
+    """Read a folder of class folders: (all, val, test) DataFrames with image paths relative to `data_dir`.
+
+    Either data_dir/train/<class>/ with a validation folder (val/, valid/ or validation/) and optionally test/,
+    each with the same class folders (val and test are None when absent), or data_dir/<class>/ (val and test
+    None: the caller splits). Folder names are the labels, sorted; images are torchvision's extensions.
+    """
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"--data {data_dir}: no such folder; give a folder of class folders")
+    parts = {}
+    if (data_dir / "train").is_dir():
+        val_name = next((n for n in ("val", "valid", "validation") if (data_dir / n).is_dir()), None)
+        for name in ("train", val_name, "test"):
+            if name and (data_dir / name).is_dir():
+                samples = _class_folder_images(data_dir / name)
+                samples["image"] = name + "/" + samples["image"]
+                parts[name] = samples
+        parts["val"] = parts.pop(val_name, None) if val_name else None
+    else:
+        parts["train"] = _class_folder_images(data_dir)
+    train = parts["train"]
+    if train.empty:
+        raise DataError(
+            f"--data {data_dir}: no images in class folders; expected {data_dir}/<class>/<image> "
+            f"or {data_dir}/train/<class>/<image> ({', '.join(IMG_EXTENSIONS)})"
+        )
+    for name in ("val", "test"):
+        samples = parts.get(name)
+        if samples is not None:
+            missing = sorted(set(samples["label"]) - set(train["label"]))
+            if missing:
+                raise DataError(
+                    f"--data {data_dir}: class {missing[0]!r} is in {name} but not in train; "
+                    "add its images to train or remove it"
+                )
+            if samples.empty:
+                parts[name] = None
+    return train, parts.get("val"), parts.get("test")
 
 
 def resolve_image_path(root, image):
@@ -169,16 +256,18 @@ def resolve_image_path(root, image):
     return path
 
 
-def check_images(samples, root, csv_path, limit=5):
+def check_images(samples, root, csv_path, limit=5, skip_bad=False):
     """Check every listed image before training: inside `root`, a non-empty file, a header Pillow can read.
 
     Returns the image sizes (width, height) in order. Raises one `DataError` listing how many are bad and
-    the first few, so a user fixes them all in one go instead of one per run.
+    the first few, so a user fixes them all in one go instead of one per run; with `skip_bad`, a bad image's
+    size is None instead.
     """
     if not Path(root).is_dir():
         raise DataError(f"{root}: no such folder; pass the folder the CSV's image paths are relative to with --root")
-    problems, sizes = [], []
-    for image, line in zip(samples["image"], samples["line"]):
+
+    def check(image):
+        """(size, None) or (None, reason) for one image."""
         try:
             path = resolve_image_path(root, image)
             if not path.exists():
@@ -188,10 +277,21 @@ def check_images(samples, root, csv_path, limit=5):
             if path.stat().st_size == 0:
                 raise ValueError("empty file")
             with Image.open(path) as im:
-                sizes.append(im.size)
+                return im.size, None
         except Exception as e:  # Pillow raises many types, DecompressionBombError is not an OSError
-            problems.append(f"line {line} {image} ({describe(e)})")
-    if problems:
+            return None, describe(e)
+
+    # Threads: reading headers is mostly waiting on the file system (a network drive, a cold disk cache).
+    images = list(samples["image"])
+    with ThreadPoolExecutor(max(1, min(4 * decode_threads(), len(images)))) as pool:
+        checked = list(pool.map(check, images))
+    sizes = [size for size, _ in checked]
+    problems = [
+        f"{where(line, image)} ({reason})"
+        for image, line, (_, reason) in zip(images, samples["line"], checked)
+        if reason is not None
+    ]
+    if problems and not skip_bad:
         shown = "; ".join(problems[:limit]) + ("; ..." if len(problems) > limit else "")
         raise DataError(f"{csv_path}: {len(problems)} of {len(samples)} images are unusable under {root}: {shown}")
     return sizes
@@ -204,11 +304,99 @@ def describe(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def load_image(path):
-    """Open an image file as 8-bit RGB, whatever its mode, upright according to its EXIF orientation."""
+def load_image(path, short_side=None):
+    """Open an image file as 8-bit RGB, whatever its mode, upright according to its EXIF orientation.
+
+    With `short_side`, the image is reduced (never enlarged) so that its shorter side is at most `short_side`
+    pixels, decoding only what that needs; see `reduce_on_load`.
+    """
     with Image.open(path) as im:
+        if short_side is not None:
+            return reduce_on_load(im, short_side)
         im = ImageOps.exif_transpose(im)  # also loads the first frame of an animation or multi-page file
         return to_rgb(im)
+
+
+# Image modes that Image.reduce and Image.resize average correctly, so that to_rgb can come after them. Other
+# modes (palette, 1-bit, 16/32-bit, float) are converted by to_rgb first: it looks at the whole image.
+REDUCIBLE_MODES = {"L", "LA", "RGB", "RGBA", "CMYK"}
+# What ImageOps.exif_transpose does for each EXIF orientation.
+EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def reduce_on_load(im, short_side):
+    """Decode the just-opened image `im` reduced so that its shorter side is `short_side` (never enlarged), as RGB.
+
+    The rule, the same whether images are cached or not, so both see the same pixels:
+
+    1. JPEG: draft decoding (Image.draft) at the smallest DCT scale (1/8, 1/4, 1/2 or 1) whose result still
+       has a shorter side of at least `short_side`: a 4032x3024 photo for short_side 448 decodes at 1/4, as
+       1008x756, several times faster than in full. Other formats decode in full.
+    2. Image.reduce (a cheap box filter) by the largest integer factor that keeps the shorter side at least
+       twice `short_side`, as Pillow's thumbnail does (reducing_gap 2).
+    3. An antialiased bilinear resize to a shorter side of exactly `short_side`, the longer side sized as
+       torchvision's Resize(short_side) sizes it (so a later Resize(short_side) does nothing).
+    4. The EXIF orientation and the conversion to RGB (to_rgb), on the small image.
+
+    For training at --image-size S, short_side = 2 * S: RandomResizedCrop (scale 0.08 to 1) resizes its crop to
+    S x S, and a crop that covers at least a quarter of the image (a side of at least S pixels) keeps full
+    detail; smaller crops are enlarged, as they would be from any image of that size. For validation,
+    short_side = the validation Resize size, which is then exact.
+    """
+    im.draft("RGB", (short_side, short_side))  # JPEG only; other formats ignore it
+    im.load()  # the first frame of an animation or multi-page file
+    transpose = EXIF_TRANSPOSE.get(im.getexif().get(ExifTags.Base.Orientation, 1))  # as ImageOps.exif_transpose
+    if im.mode not in REDUCIBLE_MODES:
+        im = to_rgb(im)
+    factor = _reduce_factor(im.size, short_side)
+    if factor > 1:
+        im = im.reduce(factor)
+    size = _resized_size(im.size, short_side)
+    if size != im.size:
+        im = im.resize(size, Image.Resampling.BILINEAR)
+    if transpose is not None:
+        im = im.transpose(transpose)
+    return to_rgb(im)
+
+
+def reduced_size(im, short_side):
+    """The (width, height) that reduce_on_load(im, short_side) will return, before the EXIF orientation,
+    from the header of the just-opened image `im` alone (it drafts `im`; decode nothing)."""
+    im.draft("RGB", (short_side, short_side))
+    width, height = im.size
+    factor = _reduce_factor(im.size, short_side)
+    if factor > 1:
+        width, height = -(-width // factor), -(-height // factor)  # Image.reduce rounds up
+    return _resized_size((width, height), short_side)
+
+
+def _reduce_factor(size, short_side):
+    return min(size) // (2 * short_side)
+
+
+def _resized_size(size, short_side):
+    """torchvision's Resize(short_side) size for `size` (width, height), or `size` itself when not larger."""
+    width, height = size
+    if min(width, height) <= short_side:
+        return size
+    if width <= height:
+        return short_side, int(short_side * height / width)
+    return int(short_side * width / height), short_side
+
+
+def decode_threads():
+    """Threads for decoding images: the cores this process may use, shared among the processes that torchrun
+    starts on this machine. Pillow releases the GIL while it decodes and resizes."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def to_rgb(im):
@@ -246,13 +434,16 @@ class MyDataset(Dataset):
     decide what to do with it (stop, or skip it) wherever the loading ran, DataLoader workers included.
     """
 
-    def __init__(self, samples, root, class_names, transform=None):
-        self.root = Path(root)
+    def __init__(self, samples, root, class_names, transform=None, short_side=None):
+        self.root = Path(root) if root is not None else None  # None: image paths are used as they are
         self.images = list(samples["image"])
         self.lines = list(samples["line"])
+        self.class_names = list(class_names)
         index_of = {name: i for i, name in enumerate(class_names)}
-        self.targets = [index_of[label] for label in samples["label"]]
+        # -1 for an unlabelled image (prediction)
+        self.targets = [-1 if label is None else index_of[label] for label in samples["label"]]
         self.transform = transform
+        self.short_side = short_side
         self.cache = None
 
     def __len__(self):
@@ -267,34 +458,62 @@ class MyDataset(Dataset):
             return BadImage(self.images[index], self.lines[index], describe(e)), self.targets[index]
         return image, self.targets[index]
 
-    def fill_cache(self, shrink):
-        """Decode every image once and keep it in RAM, after `shrink` (a PIL -> PIL resize that caps its size).
+    def fill_cache(self):
+        """Decode every image once, reduced to `short_side` as when read from disk, and keep it in RAM.
 
-        The pixels live in one shared-memory uint8 tensor, so DataLoader workers read them without a copy.
-        Images that fail to decode are left out of the cache and fail again (and are reported) when read.
+        The pixels live in one shared-memory uint8 tensor, so DataLoader workers read them without a copy. It
+        is allocated first, from the image headers (the reduced size follows from the header; the EXIF
+        orientation does not change the pixel count), and the images are decoded on all cores, each written
+        into its place as it is decoded, so the pixels are never held twice. Images that fail to decode are
+        left out of the cache and fail again (and are reported) when read.
         """
-        decoded = []
-        for index in range(len(self)):
-            try:
-                image = shrink(self._load(index))
-                decoded.append(np.asarray(image))
-            except Exception:
-                decoded.append(None)
-        shapes = [a.shape if a is not None else (0, 0, 3) for a in decoded]
-        offsets = np.cumsum([0] + [h * w * 3 for h, w, _ in shapes])
-        pixels = torch.empty(int(offsets[-1]), dtype=torch.uint8).share_memory_()
-        for a, start in zip(decoded, offsets):
-            if a is not None:
-                pixels[start : start + a.size].numpy()[:] = a.reshape(-1)
-        self.cache = (pixels, offsets.tolist(), shapes)
+        count = len(self)
+        with ThreadPoolExecutor(max(1, min(decode_threads(), count))) as pool:
+            planned = list(pool.map(self._planned_pixels, range(count)))
+            offsets = np.cumsum([0] + [3 * pixels for pixels in planned]).tolist()
+            pixels = torch.empty(offsets[-1], dtype=torch.uint8).share_memory_()
+            flat = pixels.numpy()
+            shapes = [(0, 0, 3)] * count  # (0, 0, 3): not cached, read from disk
+
+            def decode(index):
+                start, end = offsets[index], offsets[index + 1]
+                if start == end:
+                    return  # the header failed: so will the image, when read
+                try:
+                    array = np.asarray(self._load(index))
+                except Exception:
+                    return
+                if array.size == end - start:  # else a format whose header misled: read it from disk
+                    flat[start:end] = array.reshape(-1)
+                    shapes[index] = array.shape
+
+            # Only rank 0 of a torchrun job shows the bar, as for training; delay: only when it takes a while.
+            quiet = os.environ.get("RANK", "0") != "0"
+            with tqdm(total=count, desc="caching", unit="img", leave=False, delay=2, disable=quiet) as bar:
+                for _ in pool.map(decode, range(count)):
+                    bar.update()
+        self.cache = (pixels, offsets, shapes)
+
+    def _planned_pixels(self, index):
+        """Width x height of the image as it will be cached, from its header; 0 when the header fails."""
+        try:
+            with Image.open(self._path(index)) as im:
+                width, height = im.size if self.short_side is None else reduced_size(im, self.short_side)
+                return width * height
+        except Exception:
+            return 0
+
+    def _path(self, index):
+        image = self.images[index]
+        return resolve_image_path(self.root, image) if self.root is not None else Path(image)
 
     def _load(self, index):
-        return load_image(resolve_image_path(self.root, self.images[index]))
+        return load_image(self._path(index), self.short_side)
 
     def _cached(self, index):
         pixels, offsets, shapes = self.cache
         height, width, _ = shapes[index]
-        if height == 0:  # failed when the cache was filled: fail again now, and be reported
+        if height == 0:  # not cached (it failed when the cache was filled): fail again now, and be reported
             return self._load(index)
         start = offsets[index]
         array = pixels[start : start + height * width * 3].numpy().reshape(height, width, 3)

@@ -16,25 +16,16 @@ import io
 import sys
 from pathlib import Path
 
+import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader
+from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+import run_files
 import train
-from dataset import (
-    BadImage,
-    DataError,
-    collate_skipping_bad,
-    describe,
-    load_image,
-    read_csv_rows,
-    read_images,
-    read_labels,
-    resolve_image_path,
-)
-from train import UsageError
-
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+from dataset import DataError, MyDataset, collate_skipping_bad, read_csv_rows, read_images, read_labels
+from run_files import UsageError
 
 
 def get_args_parser():
@@ -45,7 +36,7 @@ def get_args_parser():
     )
     parser.add_argument("checkpoint", help="best.pt or last.pt from a train.py run")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or CSV files")
-    parser.add_argument("--out", default="predictions.csv", help="CSV to write (default: %(default)s)")
+    parser.add_argument("--out", default=None, help="CSV to write (default: predictions.csv beside the checkpoint)")
     parser.add_argument("--topk", type=int, default=1, help="also list the K best classes, as topN_label/_confidence")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
@@ -69,8 +60,9 @@ def read_image_column(csv_path, image_col):
 
 
 def collect_images(inputs, image_col, root):
-    """Everything to predict, in order, as (name shown in the output, root or None, path, true label or None)."""
-    items = []
+    """Everything to predict, in order: a list of (samples, root) where samples has image, label, line columns;
+    root is None for files named or found in folders (their paths are used as they are)."""
+    groups = []
     for arg in inputs:
         path = Path(arg)
         if path.is_dir():
@@ -78,51 +70,39 @@ def collect_images(inputs, image_col, root):
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
+                if p.suffix.lower() in IMG_EXTENSIONS
                 and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
-            items += [(str(p), None, p, None) for p in found]
+            groups.append((unlabelled([str(p) for p in found]), None))
         elif path.suffix.lower() == ".csv" and path.is_file():
-            samples = read_image_column(path, image_col)
-            csv_root = Path(root) if root else path.parent
-            items += [(image, csv_root, image, label) for image, label in zip(samples["image"], samples["label"])]
+            groups.append((read_image_column(path, image_col), Path(root) if root else path.parent))
         elif path.exists():
-            items.append((arg, None, path, None))  # named explicitly: tried whatever its extension
+            groups.append((unlabelled([arg]), None))  # named explicitly: tried whatever its extension
         else:
             raise UsageError(f"{arg}: no such file or folder")
-    if not items:
-        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+    if not sum(len(samples) for samples, _ in groups):
+        extensions = ", ".join(IMG_EXTENSIONS)
         raise UsageError(f"no images found in {', '.join(inputs)} (looked for {extensions} files, or CSV rows)")
-    return items
+    return groups
 
 
-class ImageList(Dataset):
-    """The images to predict, through the validation transform; a failure yields a BadImage, not an exception,
-    so one unreadable file is skipped wherever the loading runs, DataLoader workers included."""
-
-    def __init__(self, items, transform):
-        self.items = items
-        self.transform = transform
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index):
-        name, root, path, _ = self.items[index]
-        try:
-            file = resolve_image_path(root, path) if root is not None else path  # CSV paths stay inside --root
-            return self.transform(load_image(file)), index
-        except Exception as e:  # Pillow raises many types
-            return BadImage(name, 0, describe(e)), index
+def unlabelled(paths):
+    return pd.DataFrame({"image": paths, "label": None, "line": 0})
 
 
-def load_model(path, device, channels_last):
-    checkpoint = train.load_checkpoint(path, "checkpoint")  # weights_only=True: never runs pickled code
-    needed = ("model", "model_name", "class_names", "image_size", "mean", "std")
-    if not isinstance(checkpoint, dict) or not all(key in checkpoint for key in needed):
-        raise UsageError(f"checkpoint {path}: not a checkpoint written by train.py")
-    return train.model_from_checkpoint(checkpoint, f"checkpoint {path}", device, channels_last), checkpoint
+def load_predictor(path, args):
+    """(a function from a uint8 image batch to class probabilities, the model's preprocessing and classes)."""
+    device = train.choose_device(args.device)
+    checkpoint = run_files.load_run_checkpoint(path, "checkpoint")  # weights_only=True: never runs pickled code
+    ctx = train.make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
+    model = train.model_from_checkpoint(checkpoint, f"checkpoint {path}", ctx)
+
+    def probabilities(images):
+        with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+            return model(train.to_device(images, ctx)).float().softmax(1).cpu()
+
+    return probabilities, checkpoint, device
 
 
 def main(args):
@@ -131,22 +111,23 @@ def main(args):
             raise UsageError(f"{flag} must be at least {least}, got {value}")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must not be negative, got {args.workers}")
-    device = train.choose_device(args.device)
-    amp = train.choose_amp(args.amp, device)
-    channels_last = device.type in ("cpu", "cuda")  # as train.py: faster for convnets there
-    items = collect_images(args.images, args.image_col, args.root)  # first: input mistakes show up at once
-    model, checkpoint = load_model(args.checkpoint, device, channels_last)
+    groups = collect_images(args.images, args.image_col, args.root)  # first: input mistakes show up at once
+    probabilities, checkpoint, device = load_predictor(args.checkpoint, args)
     class_names = list(checkpoint["class_names"])
 
-    # Exactly the validation preprocessing of the run: same resize, crop and normalisation.
-    transform = train.build_transforms(
-        checkpoint["image_size"], checkpoint["mean"], checkpoint["std"], checkpoint.get("resize_size")
-    )["val"]
-    mean = torch.tensor(checkpoint["mean"], device=device).view(1, 3, 1, 1)
-    std = torch.tensor(checkpoint["std"], device=device).view(1, 3, 1, 1)
-    workers = train.default_workers(device, 1) if args.workers is None else args.workers
+    # Exactly the validation preprocessing of the run: same reduction, resize, crop and normalisation.
+    resize_size = checkpoint["resize_size"]
+    transform = train.build_transforms(checkpoint["image_size"], resize_size=resize_size)["val"]
+    datasets, start = [], 0
+    for samples, root in groups:
+        data = MyDataset(samples, root, class_names, transform, short_side=resize_size)
+        data.targets = list(range(start, start + len(data)))  # each image carries its row number, not a class
+        datasets.append(data)
+        start += len(data)
+    items = pd.concat([samples for samples, _ in groups], ignore_index=True)
+    workers = train.default_workers(device) if args.workers is None else args.workers
     loader = DataLoader(
-        ImageList(items, transform),
+        ConcatDataset(datasets),
         args.batch_size,
         num_workers=workers,
         collate_fn=collate_skipping_bad,
@@ -155,15 +136,11 @@ def main(args):
 
     predicted = []  # (item index, probabilities)
     with torch.inference_mode():
-        for images, indices, bad in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
+        for images, rows, bad in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
             for image in bad:
                 tqdm.write(f"warning: skipping {image.image}: {image.reason}", file=sys.stderr)
-            if images is None:
-                continue
-            images = train.to_device(images, device, mean, std, channels_last)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                logits = model(images)
-            predicted += zip(indices.tolist(), logits.float().softmax(1).cpu())
+            if images is not None:
+                predicted += zip(rows.tolist(), probabilities(images))
     if not predicted:
         raise DataError(f"none of the {len(items)} images could be read")
 
@@ -174,7 +151,7 @@ def main(args):
     columns += [f"p_{name}" if name in columns else name for name in class_names]
     rows, correct, labelled = [], 0, 0
     for index, probs in predicted:
-        name, _, _, true_label = items[index]
+        name, true_label = items["image"][index], items["label"][index]
         confidences, classes = probs.topk(topk)
         row = [name]
         for confidence, k in zip(confidences.tolist(), classes.tolist()):
@@ -186,13 +163,14 @@ def main(args):
 
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + rows)
-    train.write_atomically(args.out, lambda f: f.write(text.getvalue().encode()))
+    out = Path(args.out) if args.out else Path(args.checkpoint).parent / "predictions.csv"
+    run_files.write_atomically(out, lambda f: f.write(text.getvalue().encode()))
     printed = io.StringIO()
     csv.writer(printed, lineterminator="\n").writerows(row[:shown] for row in [columns] + rows)
     sys.stdout.write(printed.getvalue())
     skipped = len(items) - len(predicted)
     print(
-        f"wrote {len(rows)} predictions to {args.out}" + (f" ({skipped} unreadable images skipped)" if skipped else ""),
+        f"wrote {len(rows)} predictions to {out}" + (f" ({skipped} unreadable images skipped)" if skipped else ""),
         file=sys.stderr,
     )
     if labelled:

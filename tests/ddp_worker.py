@@ -1,4 +1,5 @@
-"""Run train.py under torchrun and also save each rank's final weights, so a test can compare the ranks.
+"""Run train.py under torchrun and also save each rank's weights after every epoch, so a test can compare the
+ranks' final weights.
 
 Weights are the parameters: BatchNorm's running statistics are rank 0's in every checkpoint (DDP broadcasts
 them at each forward pass), but each rank's copy reflects its own last batch.
@@ -13,18 +14,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402
 
-fit = train.fit
+train_one_epoch = train.train_one_epoch
 
 
-def fit_and_save_weights(args, training, ctx, checkpoint):
-    result = fit(args, training, ctx, checkpoint)
-    parameters = dict(training["model"].named_parameters())
-    torch.save(
-        {name: p.detach() for name, p in parameters.items()},
-        Path(os.environ["WEIGHTS_DIR"]) / f"rank{os.environ['RANK']}.pt",
-    )
+def train_one_epoch_and_save_weights(model, *args, **kwargs):
+    result = train_one_epoch(model, *args, **kwargs)
+    parameters = {name.removeprefix("module."): p.detach() for name, p in model.named_parameters()}
+    torch.save(parameters, Path(os.environ["WEIGHTS_DIR"]) / f"rank{os.environ['RANK']}.pt")
     return result
 
 
-train.fit = fit_and_save_weights
+train.train_one_epoch = train_one_epoch_and_save_weights
 sys.exit(train.run_cli())

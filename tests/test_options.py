@@ -102,10 +102,12 @@ def test_balanced_sampler_draws_classes_about_equally(tiny_data, tmp_path):
     rows = [(f"cat_{i}.png", "cat") for i in range(8)] + [("dog_0.png", "dog"), ("dog_1.png", "dog")]
     skewed = write_csv(tmp_path / "skewed.csv", rows)
     args = options("--csv", skewed, "--root", root, *FAST, "--balanced-sampler", "--cache", "off", "--val-split", "0.2")
-    train_samples, val_samples, class_names, _, sizes = train.load_samples(args)
-    loader, _, _, _ = train.build_dataloaders(
-        args, train_samples, val_samples, class_names, train.build_transforms(32), torch.device("cpu"), sizes, 0, 1
+    train_set, val_set, _, class_names, _ = train.load_samples(args)
+    train_data, val_data, _, _ = train.build_datasets(
+        args, train_set, val_set, None, class_names, 36, train.build_transforms(32)
     )
+    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    loader, _ = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)
     drawn = [int(loader.dataset.targets[i]) for _ in range(50) for i in loader.sampler]
     assert 0.35 < sum(drawn) / len(drawn) < 0.65  # dogs are 1/4 of the training rows, half of the draws
 

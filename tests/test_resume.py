@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import FAST, run_train
 
+import run_files
 import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,7 +86,7 @@ def test_resume_refuses_a_csv_that_no_longer_gives_the_same_split(train_tiny, ti
 
 def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
-    train.save_checkpoint({"epoch": 1}, target)
+    run_files.write_atomically(target, lambda f: torch.save({"epoch": 1}, f))
 
     def disk_full(obj, f):
         f.write(b"partial")
@@ -93,7 +94,7 @@ def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path,
 
     monkeypatch.setattr(torch, "save", disk_full)
     with pytest.raises(train.UsageError, match="No space left"):
-        train.save_checkpoint({"epoch": 2}, target)
+        run_files.write_atomically(target, lambda f: torch.save({"epoch": 2}, f))
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 

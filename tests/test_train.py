@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FAST, read_rows, run_train
+from conftest import FAST, read_rows, run_train, write_csv
 
 import train
 from dataset import load_image, read_labels, sorted_class_names
@@ -21,15 +21,19 @@ def test_run_writes_checkpoints_metrics_and_split(train_tiny):
 def test_checkpoint_is_a_plain_dict_that_loads_with_weights_only(train_tiny):
     status, run_dir = train_tiny("--epochs", "1")
     assert status == 0
-    checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
+    checkpoint = torch.load(run_dir / "last.pt", weights_only=True)
     for key in (
         "model",
         "optimizer",
+        "scheduler",
+        "scaler",
         "epoch",
         "best_acc",
+        "history",
         "class_names",
         "model_name",
         "image_size",
+        "resize_size",
         "mean",
         "std",
         "args",
@@ -40,6 +44,17 @@ def test_checkpoint_is_a_plain_dict_that_loads_with_weights_only(train_tiny):
     assert checkpoint["model_name"] == "resnet18"
     assert checkpoint["image_size"] == 32
     assert checkpoint["args"]["epochs"] == 1
+
+
+def test_best_checkpoint_holds_what_predict_needs_without_the_optimizer_state(train_tiny):
+    status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    best = torch.load(run_dir / "best.pt", weights_only=True)
+    last = torch.load(run_dir / "last.pt", weights_only=True)
+    assert "optimizer" not in best and "scheduler" not in best
+    assert {k: v for k, v in last.items() if k not in ("optimizer", "scheduler", "scaler")}.keys() == best.keys()
+    # Adam keeps two moments per weight: without them best.pt is about a third of last.pt
+    assert (run_dir / "best.pt").stat().st_size < 0.4 * (run_dir / "last.pt").stat().st_size
 
 
 def test_best_checkpoint_rebuilds_a_model_that_predicts(train_tiny):
@@ -82,16 +97,17 @@ def test_stratified_split_keeps_each_class_share(tiny_data):
 def test_validation_images_are_not_augmented_but_training_images_are(tiny_data):
     csv_path, root = tiny_data
     args = train.get_args_parser().parse_args(["--csv", str(csv_path), "--root", str(root), *FAST, "--cache", "off"])
-    train_samples, val_samples, class_names, _, sizes = train.load_samples(args)
-    transforms = train.build_transforms(32)
-    train_loader, val_loader, _, _ = train.build_dataloaders(
-        args, train_samples, val_samples, class_names, transforms, torch.device("cpu"), sizes, rank=0, world_size=1
+    train_set, val_set, _, class_names, _ = train.load_samples(args)
+    train_data, val_data, _, _ = train.build_datasets(
+        args, train_set, val_set, None, class_names, 36, train.build_transforms(32)
     )
+    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    train_loader, val_loader = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)
     first_val = [batch[0] for batch in val_loader]
     second_val = [batch[0] for batch in val_loader]
     assert all(torch.equal(a, b) for a, b in zip(first_val, second_val))
     augment = train_loader.dataset.transform
-    picture = load_image(root / train_samples["image"][0])
+    picture = load_image(root / train_set.samples["image"][0])
     views = [augment(picture) for _ in range(5)]
     assert any(not torch.equal(views[0], v) for v in views[1:])
 
@@ -133,7 +149,29 @@ def test_an_earlier_run_in_the_output_dir_is_never_overwritten(train_tiny, capsy
     assert (run_dir / "last.pt").read_bytes() == before
 
 
-def test_validation_images_that_are_also_training_images_are_warned_about(train_tiny, tiny_data, capsys):
-    status, _ = train_tiny("--epochs", "1", "--val-csv", tiny_data[0])
+def test_validation_images_that_are_also_training_images_are_warned_about(train_tiny, tiny_data, tmp_path, capsys):
+    rows = read_rows(tiny_data[0])
+    val_csv = write_csv(tmp_path / "val.csv", [(r["image"], r["label"]) for r in rows[:6]])
+    train_csv = write_csv(tmp_path / "train.csv", [(r["image"], r["label"]) for r in rows[3:]])
+    status = run_train(
+        "--csv",
+        train_csv,
+        "--root",
+        tiny_data[1],
+        "--val-csv",
+        val_csv,
+        *FAST,
+        "--epochs",
+        "1",
+        "--output-dir",
+        tmp_path / "run",
+    )
     assert status == 0
-    assert "24 of the 24 --val-csv images are also in --csv" in capsys.readouterr().err
+    assert "3 of the 6 --val-csv images are also in --csv" in capsys.readouterr().err
+
+
+def test_a_val_csv_of_training_images_only_is_refused_with_the_val_root_hint(train_tiny, tiny_data, capsys):
+    status, run_dir = train_tiny("--epochs", "1", "--val-csv", tiny_data[0])
+    assert status == 2
+    assert "--val-root" in capsys.readouterr().err
+    assert not (run_dir / "last.pt").exists()
