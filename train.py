@@ -15,6 +15,7 @@ reads back (checkpoints, reports, pictures) is in run_files.py.
 import argparse
 import contextlib
 import difflib
+import logging
 import math
 import os
 import random
@@ -332,6 +333,46 @@ def setup_distributed():
     if world_size == 1:
         return 0, None, 1
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
+
+
+def processes_to_launch(args):
+    """How many local processes to start: --nproc, else every visible GPU (as the tutorial's DataParallel used
+    them all) unless one GPU or another device was asked for; 1 when already launched (torchrun, or by us)."""
+    if "WORLD_SIZE" in os.environ or args.evaluate:
+        return 1
+    if args.nproc is not None:
+        return args.nproc
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return gpus if args.device in ("auto", "cuda") and gpus > 1 else 1
+
+
+def launch_processes(nproc, argv):
+    """Run this script in `nproc` DDP processes through PyTorch's own elastic launcher, as torchrun --standalone
+    would. Returns the exit status of the process that failed first (its error line is already shown), else 0."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # the cores are shared, not oversubscribed
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=nproc,
+        run_id=f"train-{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint="localhost:0",
+        max_restarts=0,
+    )
+    try:
+        elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
+    except ChildFailedError as e:
+        exitcode = e.get_first_failure()[1].exitcode
+        return exitcode if exitcode > 0 else 128 - exitcode  # a negative exit code is the signal that ended it
+    except SignalException as e:  # Ctrl-C: the processes saved last.pt and stopped
+        return 128 + e.sigval
+    return 0
 
 
 def choose_device(name, local_rank=None):
@@ -1169,8 +1210,13 @@ def main(args, argv=None):
                     ctx, output_dir / "last.pt", model, epoch - 1, best, history, run, optimizer, scheduler, scaler
                 )
                 if ctx.is_main:
-                    launcher = f"torchrun --nproc_per_node={ctx.world_size}" if ctx.world_size > 1 else "python"
-                    command = f"{launcher} train.py --output-dir {output_dir} --resume"
+                    launcher = (
+                        f"torchrun --nproc_per_node={ctx.world_size} train.py"
+                        if ctx.world_size > 1
+                        else "python train.py"
+                    )
+                    launcher = f"python train.py --nproc {args.nproc}" if args.nproc else launcher
+                    command = f"{launcher} --output-dir {output_dir} --resume"
                     print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
                 return 128 + stop.signum
         except BadImageError as e:
@@ -1208,6 +1254,16 @@ def run_cli(argv=None):
     args = None
     try:
         args = get_args_parser().parse_args(argv)
+        nproc = processes_to_launch(args)
+        if nproc > 1:
+            check_args(argparse.Namespace(**vars(args)))  # a flag mistake shows once, not once per process
+            if args.nproc is None:
+                print(
+                    f"{nproc} GPUs: training on all of them (--device cuda:0 for one), global batch "
+                    f"{args.batch_size * args.accum_steps * nproc}",
+                    flush=True,
+                )
+            return launch_processes(nproc, argv)
         return main(args, argv)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
