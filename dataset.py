@@ -5,6 +5,7 @@ an image folder is caught here and reported as a `DataError` whose message names
 the column and says what to do.
 """
 
+import collections
 import csv
 import io
 import os
@@ -243,6 +244,74 @@ def image_folders(data_dir):
     return train, parts.get("val"), parts.get("test")
 
 
+class ImageSet(NamedTuple):
+    """Labelled images: `samples` (columns image, label, line, and size once checked), the folder their paths
+    are relative to, and what messages call them (the CSV, or the --data folder)."""
+
+    samples: pd.DataFrame
+    root: Path
+    source: str
+
+
+def read_image_sets(
+    data=None,
+    csv=None,
+    root=None,
+    val_csv=None,
+    val_root=None,
+    test_csv=None,
+    test_root=None,
+    image_col=None,
+    label_col=None,
+):
+    """The labelled images that --data or the CSV flags name: (all, val, test) ImageSets, where val and test
+    are None when not given (the caller splits `all`). val and test paths are relative to `root` by default."""
+    if data:
+        parts = image_folders(data)
+        return tuple(ImageSet(s, Path(data), str(data)) if s is not None else None for s in parts)
+    parts = ((csv, root), (val_csv, val_root or root), (test_csv, test_root or root))
+    return tuple(
+        ImageSet(read_labels(path, image_col, label_col), Path(folder), str(path)) if path else None
+        for path, folder in parts
+    )
+
+
+def check_labels(image_set, class_names):
+    """Refuse labels that are not among the (training) classes."""
+    unknown = sorted(set(image_set.samples["label"]) - set(class_names))
+    if unknown:
+        raise DataError(f"{image_set.source}: labels not among the training classes: {', '.join(unknown[:5])}")
+
+
+def checked(image_set, skip_bad=False):
+    """`image_set` with a size column after checking every image (see check_images); with `skip_bad`, the
+    unusable ones are dropped with a count instead of stopping."""
+    sizes = check_images(image_set.samples, image_set.root, image_set.source, skip_bad=skip_bad)
+    samples = image_set.samples.assign(size=sizes)
+    good = samples["size"].notna()
+    if not good.all():
+        print(f"warning: {image_set.source}: dropped {int((~good).sum())} unusable images", file=sys.stderr)
+    return image_set._replace(samples=samples[good].reset_index(drop=True))
+
+
+def check_val_images_are_not_training_images(train_set, val_set):
+    """Validation images that are training images make validation meaningless: some is a warning, all of
+    them is the forgotten --val-root."""
+    train_files = {resolve_image_path(train_set.root, p) for p in train_set.samples["image"]}
+    shared = sum(resolve_image_path(val_set.root, p) in train_files for p in val_set.samples["image"])
+    if shared == len(val_set.samples):
+        raise DataError(
+            f"--val-csv {val_set.source}: all its {shared} images are --csv images under {val_set.root}; "
+            "pass --val-root with the folder of the validation images, or drop --val-csv to split --csv"
+        )
+    if shared:
+        print(
+            f"warning: {shared} of the {len(val_set.samples)} --val-csv images are also in --csv; "
+            "validation accuracy will look better than it is",
+            file=sys.stderr,
+        )
+
+
 def resolve_image_path(root, image):
     """The file an image entry refers to, refusing anything that would escape `root`."""
     if "\0" in image:
@@ -283,8 +352,7 @@ def check_images(samples, root, csv_path, limit=5, skip_bad=False):
 
     # Threads: reading headers is mostly waiting on the file system (a network drive, a cold disk cache).
     images = list(samples["image"])
-    with ThreadPoolExecutor(max(1, min(4 * decode_threads(), len(images)))) as pool:
-        checked = list(pool.map(check, images))
+    checked = list(map_in_threads(check, images, 4 * decode_threads()))
     sizes = [size for size, _ in checked]
     problems = [
         f"{where(line, image)} ({reason})"
@@ -399,6 +467,22 @@ def decode_threads():
     return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
+def map_in_threads(function, items, threads):
+    """Yield function(item) for each item, in order, computed on `threads` threads with a few items in flight
+    per thread (not a future per item up front); an error or Ctrl-C cancels the ones not started."""
+    pool = ThreadPoolExecutor(max(1, threads))
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def to_rgb(im):
     """Convert any Pillow image to RGB without losing what is in it.
 
@@ -467,31 +551,30 @@ class MyDataset(Dataset):
         into its place as it is decoded, so the pixels are never held twice. Images that fail to decode are
         left out of the cache and fail again (and are reported) when read.
         """
-        count = len(self)
-        with ThreadPoolExecutor(max(1, min(decode_threads(), count))) as pool:
-            planned = list(pool.map(self._planned_pixels, range(count)))
-            offsets = np.cumsum([0] + [3 * pixels for pixels in planned]).tolist()
-            pixels = torch.empty(offsets[-1], dtype=torch.uint8).share_memory_()
-            flat = pixels.numpy()
-            shapes = [(0, 0, 3)] * count  # (0, 0, 3): not cached, read from disk
+        count, threads = len(self), decode_threads()
+        planned = list(map_in_threads(self._planned_pixels, range(count), threads))
+        offsets = np.cumsum([0] + [3 * pixels for pixels in planned]).tolist()
+        pixels = torch.empty(offsets[-1], dtype=torch.uint8).share_memory_()
+        flat = pixels.numpy()
+        shapes = [(0, 0, 3)] * count  # (0, 0, 3): not cached, read from disk
 
-            def decode(index):
-                start, end = offsets[index], offsets[index + 1]
-                if start == end:
-                    return  # the header failed: so will the image, when read
-                try:
-                    array = np.asarray(self._load(index))
-                except Exception:
-                    return
-                if array.size == end - start:  # else a format whose header misled: read it from disk
-                    flat[start:end] = array.reshape(-1)
-                    shapes[index] = array.shape
+        def decode(index):
+            start, end = offsets[index], offsets[index + 1]
+            if start == end:
+                return  # the header failed: so will the image, when read
+            try:
+                array = np.asarray(self._load(index))
+            except Exception:
+                return
+            if array.size == end - start:  # else a format whose header misled: read it from disk
+                flat[start:end] = array.reshape(-1)
+                shapes[index] = array.shape
 
-            # Only rank 0 of a torchrun job shows the bar, as for training; delay: only when it takes a while.
-            quiet = os.environ.get("RANK", "0") != "0"
-            with tqdm(total=count, desc="caching", unit="img", leave=False, delay=2, disable=quiet) as bar:
-                for _ in pool.map(decode, range(count)):
-                    bar.update()
+        # Only rank 0 of a torchrun job shows the bar, as for training; delay: only when it takes a while.
+        quiet = os.environ.get("RANK", "0") != "0"
+        with tqdm(total=count, desc="caching", unit="img", leave=False, delay=2, disable=quiet) as bar:
+            for _ in map_in_threads(decode, range(count), threads):
+                bar.update()
         self.cache = (pixels, offsets, shapes)
 
     def _planned_pixels(self, index):

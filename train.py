@@ -25,10 +25,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -42,11 +40,11 @@ import run_files
 from dataset import (
     DataError,
     MyDataset,
-    check_images,
+    check_labels,
+    check_val_images_are_not_training_images,
+    checked,
     collate_skipping_bad,
-    image_folders,
-    read_labels,
-    resolve_image_path,
+    read_image_sets,
     sorted_class_names,
     where,
 )
@@ -75,7 +73,26 @@ class ArgumentParser(argparse.ArgumentParser):
             flags = [s for action in self._actions for s in action.option_strings]
             close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1, cutoff=0.6)
             message += f"; did you mean {close[0]}?" if close else ""
+        message = re.sub(r"^argument (-[^:/ ]+)[^:]*: ", r"\1 ", message)  # "--epochs must be positive, got 0"
         raise UsageError(f"{message} (see --help)")
+
+
+def number(kind, allowed, requirement):
+    """An argparse type: a finite `kind` (int or float) for which allowed(value) holds."""
+
+    def parse(text):
+        value = kind(text)
+        if not (math.isfinite(value) and allowed(value)):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'three'"
+    return parse
+
+
+POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "positive"), number(float, lambda v: v > 0, "positive")
+COUNT, NON_NEGATIVE = number(int, lambda v: v >= 0, "0 or more"), number(float, lambda v: v >= 0, "0 or more")
+FRACTION = number(float, lambda v: 0 < v < 1, "between 0 and 1")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -89,125 +106,108 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    data = parser.add_argument_group("data")
-    data.add_argument(
-        "--data",
-        default=None,
-        help="folder of class folders, or with train/, val/ (or valid/, validation/) and optional test/ in it",
+    data = parser.add_argument_group("data").add_argument
+    data(
+        "--data", help="folder of class folders, or with train/, val/ (or valid/, validation/) and optional test/ in it"
     )
-    data.add_argument(
-        "--csv", default=None, help="CSV with a header row: image path, label (default: the sample, data/labels.csv)"
-    )
-    data.add_argument(
-        "--root", default=None, help="folder the CSV's image paths are relative to (default: the CSV's folder)"
-    )
-    data.add_argument("--image-col", default=None, help="column of image paths (default: 'image', or the first of two)")
-    data.add_argument("--label-col", default=None, help="column of labels (default: 'label', or the second of two)")
-    data.add_argument("--val-csv", default=None, help="separate validation CSV; replaces --val-split")
-    data.add_argument("--val-root", default=None, help="folder the --val-csv paths are relative to (default: --root)")
-    data.add_argument("--test-csv", default=None, help="test CSV: best.pt is evaluated on it once, after training")
-    data.add_argument("--test-root", default=None, help="folder the --test-csv paths are relative to (default: --root)")
-    data.add_argument("--val-split", type=float, default=0.3, help="fraction held out for validation")
-    data.add_argument(
+    data("--csv", help="CSV with a header row: image path, label (default: the sample, data/labels.csv)")
+    data("--root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
+    data("--image-col", help="column of image paths (default: 'image', or the first of two)")
+    data("--label-col", help="column of labels (default: 'label', or the second of two)")
+    data("--val-csv", help="separate validation CSV; replaces --val-split")
+    data("--val-root", help="folder the --val-csv paths are relative to (default: --root)")
+    data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
+    data("--test-root", help="folder the --test-csv paths are relative to (default: --root)")
+    data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
+    data(
         "--split",
         choices=["auto", "stratified", "random"],
         default="auto",
         help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images",
     )
-    data.add_argument(
-        "--image-size", type=int, default=224, help="training crop size; validation resizes to size*256/224"
+    data(
+        "--image-size",
+        type=number(int, lambda v: v >= 16, "at least 16"),
+        default=224,
+        help="training crop size; validation resizes to size*256/224",
     )
-    data.add_argument(
-        "--workers", type=int, default=None, help="DataLoader worker processes (default: fitted to the cores)"
-    )
-    data.add_argument(
+    data("--workers", type=COUNT, help="DataLoader worker processes (default: fitted to the cores)")
+    data(
         "--cache",
         choices=["auto", "on", "off"],
         default="auto",
         help="decode images once into RAM; auto = when they take under a quarter of it",
     )
-    data.add_argument(
-        "--skip-bad-images", action="store_true", help="drop images that fail to decode instead of stopping"
-    )
-    data.add_argument(
-        "--balanced-sampler", action="store_true", help="draw training images with equal weight per class"
-    )
+    data("--skip-bad-images", action="store_true", help="drop images that fail to decode instead of stopping")
+    data("--balanced-sampler", action="store_true", help="draw training images with equal weight per class")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="resnet34", help="any torchvision classification model name")
-    model.add_argument(
-        "--weights",
-        default=None,
-        help="pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a local .pth state dict",
+    model = parser.add_argument_group("model").add_argument
+    model("--model", default="resnet34", help="any torchvision classification model name")
+    model(
+        "--weights", help="pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a local .pth state dict"
     )
-    model.add_argument("--freeze-backbone", action="store_true", help="train only the new classification head")
-    model.add_argument(
-        "--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes"
-    )
+    model("--freeze-backbone", action="store_true", help="train only the new classification head")
+    model("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
 
-    optim = parser.add_argument_group("optimization")
-    optim.add_argument("--epochs", type=int, default=3, help="number of epochs")
-    optim.add_argument("--batch-size", type=int, default=16, help="images per step (per process under torchrun)")
-    optim.add_argument(
+    optim = parser.add_argument_group("optimization").add_argument
+    optim("--epochs", type=POSITIVE_INT, default=3, help="number of epochs")
+    optim("--batch-size", type=POSITIVE_INT, default=16, help="images per step (per process under torchrun)")
+    optim(
         "--accum-steps",
-        type=int,
+        type=POSITIVE_INT,
         default=1,
         help="sum the gradients of this many batches before each optimizer step (a bigger batch in less memory)",
     )
-    optim.add_argument("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optimizer")
-    optim.add_argument("--lr", type=float, default=1e-4, help="learning rate")
-    optim.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
-    optim.add_argument(
-        "--weight-decay", type=float, default=0.0, help="weight decay, not applied to biases and norm layers"
-    )
-    optim.add_argument(
+    optim("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optimizer")
+    optim("--lr", type=POSITIVE, default=1e-4, help="learning rate")
+    optim("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum")
+    optim("--weight-decay", type=NON_NEGATIVE, default=0.0, help="weight decay, not applied to biases and norm layers")
+    optim(
         "--lr-schedule",
         choices=["none", "cosine", "step"],
         default="none",
         help="learning-rate schedule over the epochs (step: x0.1 every third of the run)",
     )
-    optim.add_argument("--warmup-epochs", type=int, default=0, help="epochs of linear learning-rate warmup")
-    optim.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing for the cross-entropy loss")
-    optim.add_argument(
+    optim("--warmup-epochs", type=COUNT, default=0, help="epochs of linear learning-rate warmup")
+    optim(
+        "--label-smoothing",
+        type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"),
+        default=0.0,
+        help="label smoothing for the cross-entropy loss",
+    )
+    optim(
         "--class-weights",
         choices=["none", "balanced"],
         default="none",
         help="balanced = weight the loss by inverse class frequency",
     )
-    optim.add_argument(
-        "--best-metric", choices=["acc", "macro_f1", "loss"], default="acc", help="what best.pt is best at"
-    )
-    optim.add_argument(
-        "--patience", type=int, default=0, help="stop after this many epochs without a new best (0 = never)"
-    )
+    optim("--best-metric", choices=["acc", "macro_f1", "loss"], default="acc", help="what best.pt is best at")
+    optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
-    run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
-    run.add_argument(
+    run = parser.add_argument_group("run").add_argument
+    run("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
+    run(
         "--nproc",
-        type=int,
-        default=None,
+        type=POSITIVE_INT,
         help="processes to train with (DDP, one per GPU) (default: every visible GPU, else 1)",
     )
-    run.add_argument(
+    run(
         "--amp",
         choices=["auto", "bf16", "fp16", "off"],
         default="auto",
         help="mixed precision; auto = bf16 where the device supports it, fp16 on older GPUs",
     )
-    run.add_argument("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
-    run.add_argument("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
-    run.add_argument("--output-dir", default=None, help="run directory (default: a new runs/expN)")
-    run.add_argument(
+    run("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
+    run("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
+    run("--output-dir", help="run directory (default: a new runs/expN)")
+    run(
         "--resume",
         nargs="?",
         const="last",
-        default=None,
         help="continue a run from a checkpoint (alone: the run directory's last.pt)",
     )
-    run.add_argument(
+    run(
         "--evaluate",
-        default=None,
         metavar="CHECKPOINT",
         help="only evaluate a checkpoint on the validation data and write the report",
     )
@@ -223,7 +223,7 @@ def explicit_flags(argv):
 
 
 def check_args(args):
-    """Fill in the defaults that depend on other flags, and refuse impossible values."""
+    """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.val_csv or args.test_csv):
         raise UsageError("--data takes class folders; drop --csv/--val-csv/--test-csv, or drop --data")
     if args.data is None and args.csv is None and args.root is not None:
@@ -235,32 +235,6 @@ def check_args(args):
         args.csv, args.root = str(HERE / "data" / "labels.csv"), str(HERE / "data" / "images")
     if args.csv and args.root is None:
         args.root = str(Path(args.csv).parent)
-    positive = {
-        "--epochs": args.epochs,
-        "--batch-size": args.batch_size,
-        "--accum-steps": args.accum_steps,
-        "--lr": args.lr,
-        "--image-size": args.image_size,
-        "--nproc": args.nproc or 1,
-    }
-    for flag, value in positive.items():
-        if not value > 0 or not math.isfinite(value):
-            raise UsageError(f"{flag} must be positive, got {value}")
-    if not 0 < args.val_split < 1:
-        raise UsageError(f"--val-split must be between 0 and 1, got {args.val_split}")
-    for flag, value in {
-        "--weight-decay": args.weight_decay,
-        "--momentum": args.momentum,
-        "--warmup-epochs": args.warmup_epochs,
-        "--patience": args.patience,
-        "--workers": args.workers or 0,
-    }.items():
-        if not value >= 0:
-            raise UsageError(f"{flag} must not be negative, got {value}")
-    if not 0 <= args.label_smoothing < 1:
-        raise UsageError(f"--label-smoothing must be in [0, 1), got {args.label_smoothing}")
-    if args.image_size < 16:
-        raise UsageError(f"--image-size must be at least 16, got {args.image_size}")
 
 
 def settle_args(args, argv, world_size):
@@ -427,13 +401,6 @@ def default_workers(device, world_size=1):
 # ================================================================================================== data
 
 
-class ImageSet(NamedTuple):
-    """Labelled images: `samples` (columns image, label, line, size) and the folder their paths are under."""
-
-    samples: pd.DataFrame
-    root: Path
-
-
 def build_transforms(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size=None):
     """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors.
 
@@ -481,101 +448,52 @@ def split_samples(samples, val_split, seed, method):
     return samples[~is_val].reset_index(drop=True), samples[is_val].reset_index(drop=True), method
 
 
-def check_known_labels(samples, class_names, source, whose="the training classes"):
-    unknown = sorted(set(samples["label"]) - set(class_names))
-    if unknown:
-        raise DataError(f"{source}: labels not among {whose}: {', '.join(unknown[:5])}")
-
-
-def read_data(args):
-    """Every labelled image the flags name, before any split: (all, val or None, test or None), each an ImageSet,
-    plus the name of each source for messages."""
-    if args.data:
-        everything, val_samples, test_samples = image_folders(args.data)
-        root = Path(args.data)
-        return ImageSet(everything, root), val_samples, test_samples, root
-    everything = read_labels(args.csv, args.image_col, args.label_col)
-    val_samples = read_labels(args.val_csv, args.image_col, args.label_col) if args.val_csv else None
-    test_samples = read_labels(args.test_csv, args.image_col, args.label_col) if args.test_csv else None
-    return ImageSet(everything, Path(args.root)), val_samples, test_samples, None
-
-
 def load_samples(args):
     """The train, val and test ImageSets (test None), the classes, and how val was chosen.
 
     Every image is checked before training starts; one error lists every bad file (or, with
     --skip-bad-images, they are dropped with a count).
     """
-    everything, val_samples, test_samples, folder = read_data(args)
-    source = folder or args.csv
+    everything, val_set, test_set = read_image_sets(
+        args.data,
+        args.csv,
+        args.root,
+        args.val_csv,
+        args.val_root,
+        args.test_csv,
+        args.test_root,
+        args.image_col,
+        args.label_col,
+    )
     class_names = sorted_class_names(everything.samples["label"])
     if len(class_names) < 2:
-        raise DataError(f"{source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
-    val_root = folder or Path(args.val_root or args.root) if val_samples is not None else everything.root
-    test_root = folder or Path(args.test_root or args.root) if test_samples is not None else None
-    for samples, name in ((val_samples, folder or args.val_csv), (test_samples, folder or args.test_csv)):
-        if samples is not None:
-            check_known_labels(samples, class_names, name)
-
-    if val_samples is None:
+        raise DataError(f"{everything.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    for part in (val_set, test_set):
+        if part is not None:
+            check_labels(part, class_names)
+    if val_set is None:
         train_samples, val_samples, split_method = split_samples(
             everything.samples, args.val_split, args.seed, args.split
         )
         if len(train_samples) < 2 or len(val_samples) == 0:  # BatchNorm cannot train on a single image
             left = {0: "no training images", 1: "1 training image"}.get(len(train_samples), "no validation images")
             raise DataError(
-                f"{source}: --val-split {args.val_split} leaves {left} out of {len(everything.samples)}; "
+                f"{everything.source}: --val-split {args.val_split} leaves {left} out of {len(everything.samples)}; "
                 "add images or change --val-split"
             )
-    else:
-        train_samples, split_method = everything.samples, "val folder" if folder else "separate CSV"
-        if not folder:
-            warn_about_shared_images(everything, ImageSet(val_samples, val_root), args.val_csv)
-
-    # One check of the whole CSV in line order, so one error counts every bad file wherever it was split to.
-    checked = checked_samples(everything, source, args.skip_bad_images)
-    train_samples = checked[checked["image"].isin(set(train_samples["image"]))].reset_index(drop=True)
-    if split_method in ("stratified", "random"):
-        val_samples = checked[checked["image"].isin(set(val_samples["image"]))].reset_index(drop=True)
-    else:
-        val_samples = checked_samples(ImageSet(val_samples, val_root), folder or args.val_csv, args.skip_bad_images)
-    if test_samples is not None:
-        test_samples = checked_samples(ImageSet(test_samples, test_root), folder or args.test_csv, args.skip_bad_images)
-    test_set = ImageSet(test_samples, test_root) if test_samples is not None else None
-    return (
-        ImageSet(train_samples, everything.root),
-        ImageSet(val_samples, val_root),
-        test_set,
-        class_names,
-        split_method,
-    )
-
-
-def checked_samples(image_set, source, skip_bad):
-    """The samples with a `size` column, after checking every image; bad ones dropped (with a count) if skip_bad."""
-    sizes = check_images(image_set.samples, image_set.root, source, skip_bad=skip_bad)
-    samples = image_set.samples.assign(size=sizes)
-    good = samples["size"].notna()
-    if not good.all():
-        print(f"warning: {source}: dropped {int((~good).sum())} unusable images (--skip-bad-images)", file=sys.stderr)
-    return samples[good].reset_index(drop=True)
-
-
-def warn_about_shared_images(train_set, val_set, val_csv):
-    """Validation images that are training images make validation meaningless; all of them is a mistake."""
-    train_files = {resolve_image_path(train_set.root, p) for p in train_set.samples["image"]}
-    shared = sum(resolve_image_path(val_set.root, p) in train_files for p in val_set.samples["image"])
-    if shared == len(val_set.samples):
-        raise DataError(
-            f"--val-csv {val_csv}: all its {shared} images are --csv images under {val_set.root}; "
-            "pass --val-root with the folder of the validation images, or drop --val-csv to split --csv"
+        # One check of all the images in line order, so one error counts every bad file wherever it was split to.
+        everything = checked(everything, args.skip_bad_images)
+        train_set, val_set = (
+            everything._replace(samples=everything.samples[everything.samples["image"].isin(part["image"])])
+            for part in (train_samples, val_samples)
         )
-    if shared:
-        print(
-            f"warning: {shared} of the {len(val_set.samples)} --val-csv images are also in --csv; "
-            "validation accuracy will look better than it is",
-            file=sys.stderr,
-        )
+    else:
+        split_method = "val folder" if args.data else "separate CSV"
+        if not args.data:
+            check_val_images_are_not_training_images(everything, val_set)
+        train_set, val_set = checked(everything, args.skip_bad_images), checked(val_set, args.skip_bad_images)
+    test_set = checked(test_set, args.skip_bad_images) if test_set is not None else None
+    return train_set, val_set, test_set, class_names, split_method
 
 
 def cache_bytes(sizes, short_side):
@@ -1071,13 +989,13 @@ def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
     """
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
-        source, val_set = args.val_csv, ImageSet(read_labels(args.val_csv, args.image_col, args.label_col), None)
-        val_set = ImageSet(val_set.samples, Path(args.val_root or args.root))
-        check_known_labels(val_set.samples, class_names, source, "the checkpoint's classes")
-        val_set = ImageSet(checked_samples(val_set, source, args.skip_bad_images), val_set.root)
+        val_set = read_image_sets(
+            csv=args.val_csv, root=args.val_root or args.root, label_col=args.label_col, image_col=args.image_col
+        )[0]
+        check_labels(val_set, class_names)
+        val_set = checked(val_set, args.skip_bad_images)
     else:
-        _, val_set, _, _, _ = load_samples(args)
-        source = args.data or args.csv
+        val_set = load_samples(args)[1]
     transforms = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], checkpoint["resize_size"])
     workers = default_workers(ctx.device) if args.workers is None else args.workers
@@ -1090,7 +1008,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
         BadImageLog(args.skip_bad_images),
     )
     run_files.make_output_dir(output_dir)
-    run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {source}")
+    run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {val_set.source}")
     return 0
 
 
