@@ -899,11 +899,13 @@ def all_reduce(tensor, ctx):
 
 
 @torch.inference_mode()
-def evaluate(model, loader, ctx, num_classes, bad_images):
+def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
     """Loss, confusion matrix (rows: true class, columns: predicted) and top-k hits over every image.
 
     The loss is plain cross-entropy, without class weights or smoothing, so it compares across settings.
+    With `keep`, also the `keep` images most worth looking at (this process's, as uint8) and their predictions.
     """
+    examples = (torch.zeros(0, 3, 1, 1, dtype=torch.uint8), *(torch.zeros(0) for _ in range(3)))
     model.eval()
     ks = [k for k in (2, 5) if k < num_classes]
     loss_sum = torch.zeros((), device=ctx.device)
@@ -913,6 +915,7 @@ def evaluate(model, loader, ctx, num_classes, bad_images):
         bad_images.handle(bad)
         if images is None:
             continue
+        images_uint8 = images
         images, labels = to_device(images, ctx), labels.to(ctx.device, non_blocking=True)
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             logits = model(images).float()
@@ -920,6 +923,12 @@ def evaluate(model, loader, ctx, num_classes, bad_images):
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
         for i, k in enumerate(ks):
             topk_hits[i] += (logits.topk(k).indices == labels[:, None]).any(1).sum()
+        if keep:  # a running selection, so memory stays at `keep` images whatever the size of the data
+            confidence, predicted = logits.softmax(1).max(1)
+            batch = (images_uint8, labels.cpu(), predicted.cpu(), confidence.float().cpu())
+            examples = [torch.cat([a, b]) if len(a) else b for a, b in zip(examples, batch)]
+            chosen = run_files.prediction_order(*examples[1:])[:keep]
+            examples = [part[chosen] for part in examples]
     loss_sum = all_reduce(loss_sum, ctx)
     confusion = all_reduce(confusion, ctx).view(num_classes, num_classes).cpu()
     topk_hits = all_reduce(topk_hits, ctx).cpu()
@@ -931,6 +940,7 @@ def evaluate(model, loader, ctx, num_classes, bad_images):
         "confusion": confusion,
         "topk_acc": {k: hits / max(count, 1) for k, hits in zip(ks, topk_hits.tolist())},
         "count": count,
+        "examples": examples,
     }
 
 
@@ -965,6 +975,21 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
             "note: the last training batch of each epoch would be a single image, which BatchNorm cannot train on; "
             "it is dropped"
         )
+
+
+def resolved_settings(args, ctx, workers):
+    """args.json: every flag as the run uses it, and what the script chose for this machine."""
+    return {
+        **run_files.plain_args(args),
+        "device": str(ctx.device),
+        "precision": "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch."),
+        "channels_last": ctx.channels_last,
+        "processes": ctx.world_size,
+        "workers": workers,
+        "global_batch": args.batch_size * args.accum_steps * ctx.world_size,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
 
 
 def print_epoch(row, epochs, improved, skipped):
@@ -1009,6 +1034,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
     )
     run_files.make_output_dir(output_dir)
     run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {val_set.source}")
+    run_files.draw_confusion_matrix(output_dir, stats["confusion"], class_names)
     return 0
 
 
@@ -1066,8 +1092,13 @@ def main(args, argv=None):
             output_dir, {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
         )
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
+        run_files.write_args(output_dir, resolved_settings(args, ctx, workers))
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
+        else:  # what the augmentation does to these images (the loader is reseeded at every epoch)
+            images, labels, _ = next(iter(train_loader))
+            if images is not None:
+                run_files.draw_batch(output_dir, images, labels, class_names)
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
     epoch = start_epoch
@@ -1116,6 +1147,7 @@ def main(args, argv=None):
                 )
                 if ctx.is_main:
                     run_files.write_metrics(output_dir, history)
+                    run_files.draw_results(output_dir, history)
                     print_epoch(history[-1], args.epochs, improved, bad_images.count)
                 if args.patience and epoch - best["epoch"] >= args.patience:
                     if ctx.is_main:
@@ -1150,7 +1182,7 @@ def main(args, argv=None):
             dist.barrier()  # rank 0 has finished writing best.pt
         best_path = output_dir / "best.pt"
         model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
-        val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images)
+        val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images, keep=32)
         test_stats = None
         if test_data is not None:
             test_stats = evaluate(
@@ -1159,7 +1191,10 @@ def main(args, argv=None):
         if ctx.is_main:
             print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {best_path}")
             run_files.write_report(output_dir, val_stats, class_names, f"validation report of {best_path}")
+            run_files.draw_confusion_matrix(output_dir, val_stats["confusion"], class_names)
+            run_files.draw_predictions(output_dir, *val_stats["examples"], class_names)
             if test_stats is not None:
+                run_files.draw_confusion_matrix(output_dir, test_stats["confusion"], class_names, prefix="test_")
                 run_files.write_report(
                     output_dir, test_stats, class_names, f"test report of {best_path}", prefix="test_"
                 )

@@ -1,0 +1,272 @@
+"""The run folder's pictures (run_files' "pictures" section): each is a real image of a sensible size, class
+names no font has fall back to numbers with a warning, and a failing picture is one warning line, never an
+exception. The last tests go through train.py: they pass once train.py calls the draw_* functions."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_rows
+from PIL import Image
+
+import run_files
+
+NAMES = ["cat", "dog", "fox"]
+CHINESE = ["猫", "狗", "狐狸"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch):
+    """Every test starts with no warning printed yet (run_files prints each one once per process)."""
+    monkeypatch.setattr(run_files, "_warned", set())
+
+
+def history(epochs):
+    return [
+        dict(
+            epoch=e,
+            train_loss=1 / e,
+            train_acc=1 - 0.4 / e,
+            val_loss=1.1 / e,
+            val_acc=1 - 0.5 / e,
+            lr=1e-4 * 0.5 ** (e - 1),
+            seconds=12.5,
+            val_macro_f1=1 - 0.6 / e,
+        )
+        for e in range(1, epochs + 1)
+    ]
+
+
+def open_image(path, image_format, min_size, max_size):
+    """The image at `path`, checked to be a complete `image_format` file within the size bounds and not blank."""
+    with Image.open(path) as image:
+        image.verify()
+    image = Image.open(path)
+    assert image.format == image_format
+    assert min_size[0] <= image.width <= max_size[0] and min_size[1] <= image.height <= max_size[1], image.size
+    darkest, lightest = image.convert("L").getextrema()
+    assert darkest < lightest, "a blank picture"
+    return image
+
+
+def some_images(count, size=32, seed=0):
+    return torch.randint(
+        0, 256, (count, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
+    )
+
+
+# ------------------------------------------------------------------------------------------ each picture
+
+
+def test_results_png_after_several_epochs(tmp_path):
+    assert run_files.draw_results(tmp_path, history(5)) is True
+    open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
+
+
+def test_results_png_after_one_epoch(tmp_path):
+    assert run_files.draw_results(tmp_path, history(1)) is True
+    open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
+
+
+def test_results_png_from_metrics_csv_text(tmp_path):
+    """Rows read back from metrics.csv hold text, and an older run's rows may lack val_macro_f1."""
+    run_files.write_metrics(tmp_path, history(3))
+    rows = read_rows(tmp_path / "metrics.csv")
+    rows[0]["val_macro_f1"] = ""
+    assert run_files.draw_results(tmp_path, rows) is True
+    open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
+
+
+def test_results_png_is_redrawn(tmp_path):
+    run_files.draw_results(tmp_path, history(2))
+    first = (tmp_path / "results.png").read_bytes()
+    run_files.draw_results(tmp_path, history(4))
+    assert (tmp_path / "results.png").read_bytes() != first
+
+
+def test_confusion_matrix_for_3_classes(tmp_path):
+    confusion = torch.tensor([[7, 1, 0], [0, 8, 0], [2, 0, 6]])
+    assert run_files.draw_confusion_matrix(tmp_path, confusion, NAMES) is True
+    open_image(tmp_path / "confusion_matrix.png", "PNG", (600, 300), (1600, 1000))
+
+
+def test_confusion_matrix_of_the_test_set_has_its_prefix(tmp_path):
+    run_files.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), NAMES, prefix="test_")
+    assert (tmp_path / "test_confusion_matrix.png").is_file()
+    assert not (tmp_path / "confusion_matrix.png").exists()
+
+
+def test_confusion_matrix_3_classes_has_cell_text_and_every_name():
+    figure = run_files._confusion_figure(torch.tensor([[7, 1, 0], [0, 8, 0], [2, 0, 6]]), NAMES, "validation")
+    counts = figure.axes[0]
+    assert sorted(t.get_text() for t in counts.texts) == ["1", "2", "6", "7", "8"]  # zero cells stay blank
+    assert [t.get_text() for t in counts.get_xticklabels()] == NAMES
+
+
+def test_confusion_matrix_for_300_classes(tmp_path):
+    confusion = torch.randint(0, 3, (300, 300), generator=torch.Generator().manual_seed(0)) + 20 * torch.eye(300).long()
+    names = [f"species_{i}" for i in range(300)]
+    assert run_files.draw_confusion_matrix(tmp_path, confusion, names) is True
+    open_image(tmp_path / "confusion_matrix.png", "PNG", (1000, 600), (3200, 1800))
+
+
+def test_confusion_matrix_300_classes_has_no_cell_text_and_thinned_ticks():
+    confusion = torch.ones(300, 300, dtype=torch.long)
+    figure = run_files._confusion_figure(confusion, [f"species_{i}" for i in range(300)], "validation")
+    for ax in figure.axes[:2]:  # the two matrices; then come their colour bars
+        assert not ax.texts
+        assert 10 <= len(ax.get_xticks()) <= 40
+
+
+def test_val_predictions_jpg(tmp_path):
+    true = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    predicted = torch.tensor([0, 2, 2, 1, 1, 2, 0, 0, 2, 0])
+    confidence = torch.linspace(0.4, 0.99, 10)
+    assert run_files.draw_predictions(tmp_path, some_images(10), true, predicted, confidence, NAMES) is True
+    # 10 images: a row of 8 and a row of 2, ~140 px per cell
+    open_image(tmp_path / "val_predictions.jpg", "JPEG", (8 * 120, 2 * 140), (8 * 160, 2 * 200))
+
+
+def test_val_predictions_shows_at_most_max_images(tmp_path):
+    count = 40
+    labels = torch.zeros(count, dtype=torch.long)
+    run_files.draw_predictions(tmp_path, some_images(count), labels, labels, torch.rand(count), NAMES, max_images=16)
+    assert Image.open(tmp_path / "val_predictions.jpg").height < 3 * 200  # 2 rows of 8, not 5
+
+
+def test_prediction_order_mistakes_first_most_confident_first():
+    true = torch.tensor([0, 0, 1, 1, 2, 2])
+    predicted = torch.tensor([0, 1, 1, 0, 2, 0])
+    confidence = torch.tensor([0.9, 0.6, 0.5, 0.95, 0.7, 0.8])
+    # mistakes 3 (0.95), 5 (0.8), 1 (0.6); then right answers, least confident first: 2 (0.5), 4 (0.7), 0 (0.9)
+    assert run_files.prediction_order(true, predicted, confidence) == [3, 5, 1, 2, 4, 0]
+
+
+def test_train_batch_jpg(tmp_path):
+    labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
+    assert run_files.draw_batch(tmp_path, some_images(16, size=48), labels, NAMES) is True
+    open_image(tmp_path / "train_batch.jpg", "JPEG", (8 * 120, 2 * 130), (8 * 160, 2 * 200))
+
+
+def test_args_json_round_trips(tmp_path):
+    settings = {"model": "resnet18", "lr": 0.0001, "epochs": 3, "weights": None, "csv": Path("数据/labels.csv")}
+    run_files.write_args(tmp_path, settings)
+    text = (tmp_path / "args.json").read_text(encoding="utf-8")
+    assert "数据" in text  # readable, not \\u escapes
+    assert json.loads(text) == {**settings, "csv": "数据/labels.csv"}
+
+
+# ----------------------------------------------------------------------------------- fonts and failures
+
+
+def installed_font_has(text):
+    """Whether a font matplotlib knows (other than its Last Resort boxes) has every character of `text`."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+
+    needed = {ord(c) for c in text}
+    for font in font_manager.fontManager.ttflist:
+        if not font.name.startswith("Last Resort"):
+            try:
+                needed -= set(FT2Font(font.fname).get_charmap())
+            except Exception:
+                pass
+    return not needed
+
+
+def test_chinese_class_names_are_drawn_or_fall_back_to_numbers_with_a_warning(tmp_path, capsys):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run_files.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), CHINESE)
+    assert not [w for w in caught if "missing from font" in str(w.message)], "Chinese names drawn as empty boxes"
+    assert (tmp_path / "confusion_matrix.png").is_file()
+    err = capsys.readouterr().err
+    if installed_font_has("".join(CHINESE)):
+        assert "no installed font" not in err
+    else:
+        assert err.count("\n") == 1 and "pictures show class numbers" in err and "key: 0=猫, 1=狗, 2=狐狸" in err
+
+
+def test_class_names_no_font_has_become_numbers(monkeypatch):
+    monkeypatch.setattr(run_files, "_characters_of", lambda font_path: frozenset(range(128)))  # fonts: ASCII only
+    assert run_files._class_labels(["café", "dog"]) == (["DejaVu Sans"], ["0", "1"])
+
+
+def test_font_warning_is_printed_once(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(run_files, "_fonts_for", lambda text: None)
+    run_files.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), CHINESE)
+    run_files.draw_results(tmp_path, history(2))
+    run_files.draw_batch(tmp_path, some_images(3), torch.tensor([0, 1, 2]), CHINESE)
+    assert capsys.readouterr().err.count("pictures show class numbers") == 1
+
+
+def test_latin_and_greek_names_keep_dejavu_sans():
+    assert run_files._class_labels(["café", "Ωmega", "naïve"]) == (["DejaVu Sans"], ["café", "Ωmega", "naïve"])
+
+
+def test_a_broken_plotting_call_is_one_warning_line(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no room on the canvas\nsecond line")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    assert run_files.draw_results(tmp_path, history(2)) is False
+    assert capsys.readouterr().err == "warning: could not draw results.png (RuntimeError: no room on the canvas)\n"
+    assert list(tmp_path.iterdir()) == []  # no picture, no temporary file
+
+
+def test_a_failing_picture_warns_once_not_every_epoch(tmp_path, capsys, monkeypatch):
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: 1 / 0)
+    for epochs in range(1, 4):
+        run_files.draw_results(tmp_path, history(epochs))
+    assert capsys.readouterr().err.count("could not draw results.png") == 1
+
+
+def test_without_matplotlib_drawing_is_a_warning(tmp_path, capsys, monkeypatch):
+    for module in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib...` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert run_files.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), NAMES) is False
+    assert capsys.readouterr().err.startswith("warning: could not draw confusion_matrix.png (ModuleNotFoundError")
+
+
+def test_importing_run_files_does_not_import_matplotlib():
+    code = "import sys, run_files; print('matplotlib' in sys.modules)"
+    here = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, "-c", code], cwd=here, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------------ through train.py
+# These need train.py to call run_files.draw_results after every epoch (rank 0); they fail until it does.
+
+
+def test_train_writes_results_png_and_redraws_it_on_resume(train_tiny, monkeypatch):
+    status, run = train_tiny("--epochs", "1")
+    assert status == 0
+    first = open_image(run / "results.png", "PNG", (600, 400), (1600, 1200)).tobytes()
+    drawn = []
+    draw_results = run_files.draw_results
+    monkeypatch.setattr(run_files, "draw_results", lambda d, h: drawn.append(len(h)) or draw_results(d, h))
+    status, _ = train_tiny("--epochs", "2", "--resume")
+    assert status == 0
+    assert drawn == [2]  # the whole history, the epoch before the resume included
+    assert open_image(run / "results.png", "PNG", (600, 400), (1600, 1200)).tobytes() != first
+
+
+def test_training_survives_a_broken_plot(train_tiny, capsys, monkeypatch):
+    import matplotlib.figure
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: 1 / 0)
+    status, run = train_tiny("--epochs", "1")
+    assert status == 0
+    assert (run / "best.pt").is_file() and (run / "last.pt").is_file() and (run / "metrics.csv").is_file()
+    assert not (run / "results.png").exists()
+    assert "warning: could not draw results.png (ZeroDivisionError" in capsys.readouterr().err
