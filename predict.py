@@ -2,6 +2,7 @@
 
     python predict.py runs/exp1/best.pt photo.jpg more_photos/            # files and folders (recursive)
     python predict.py runs/exp1/best.pt new.csv --root images --topk 3    # a CSV with an 'image' column
+    python predict.py runs/exp1/best.onnx photo.jpg                       # through ONNX Runtime (export.py)
 
 Writes --out (a CSV): image, label, confidence, [top2_label, top2_confidence, ... up to --topk], then one
 probability column per class, named by the class (prefixed 'p_' if a class name clashes with a column above).
@@ -22,10 +23,11 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+import export
 import run_files
 import train
 from dataset import DataError, MyDataset, collate_skipping_bad, read_csv_rows, read_images, read_labels
-from run_files import UsageError
+from run_files import UsageError, one_line
 
 
 def get_args_parser():
@@ -34,7 +36,7 @@ def get_args_parser():
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="best.pt or last.pt from a train.py run")
+    parser.add_argument("checkpoint", help="best.pt or last.pt from a train.py run, or a .onnx from export.py")
     parser.add_argument("images", nargs="+", help="image files, folders (searched recursively) or CSV files")
     parser.add_argument("--out", default=None, help="CSV to write (default: predictions.csv beside the checkpoint)")
     parser.add_argument("--topk", type=int, default=1, help="also list the K best classes, as topN_label/_confidence")
@@ -93,6 +95,8 @@ def unlabelled(paths):
 
 def load_predictor(path, args):
     """(a function from a uint8 image batch to class probabilities, the model's preprocessing and classes)."""
+    if Path(path).suffix.lower() == ".onnx":
+        return load_onnx_predictor(path, args)
     device = train.choose_device(args.device)
     checkpoint = run_files.load_run_checkpoint(path, "checkpoint")  # weights_only=True: never runs pickled code
     ctx = train.make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
@@ -103,6 +107,45 @@ def load_predictor(path, args):
             return model(train.to_device(images, ctx)).float().softmax(1).cpu()
 
     return probabilities, checkpoint, device
+
+
+def load_onnx_predictor(path, args):
+    """load_predictor for a model written by export.py, run by ONNX Runtime: the classes and preprocessing come
+    from its metadata, so the predictions are those of the checkpoint it came from (run with --amp off)."""
+    onnxruntime = export.import_onnxruntime()
+    if args.amp not in ("auto", "off"):
+        raise UsageError(f"--amp {args.amp}: an ONNX model runs in the precision it was exported in (float32)")
+    if not Path(path).is_file():
+        raise UsageError(f"checkpoint {path}: no such file")
+    device = train.choose_device(args.device)
+    providers = ["CPUExecutionProvider"]
+    if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
+    elif device.type != "cpu":
+        if args.device != "auto":
+            raise UsageError(f"--device {args.device}: this onnxruntime runs .onnx models on the CPU only")
+        device = torch.device("cpu")  # auto: the CPU is what this onnxruntime has
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only
+    try:
+        session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+    except Exception as e:
+        raise UsageError(f"checkpoint {path}: not an ONNX model ONNX Runtime can load ({one_line(e)[:150]})") from None
+    text = session.get_modelmeta().custom_metadata_map.get(export.METADATA_KEY)
+    if text is None:
+        raise UsageError(f"checkpoint {path}: has no classes or preprocessing in its metadata; make it with export.py")
+    info = export.check_metadata(text, f"checkpoint {path}")
+    input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
+    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+
+    def probabilities(images):
+        # The same arithmetic as train.to_device, so the model sees the same numbers as from best.pt.
+        batch = images.float().div_(255).sub_(mean).div_(std).contiguous()
+        logits = session.run([output_name], {input_name: batch.numpy()})[0]
+        return torch.from_numpy(logits).float().softmax(1)
+
+    return probabilities, info, device
 
 
 def main(args):
