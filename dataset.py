@@ -516,6 +516,8 @@ class MyDataset(Dataset):
 
     An image that fails to decode yields `(BadImage, label)` instead of raising, so the training loop can
     decide what to do with it (stop, or skip it) wherever the loading ran, DataLoader workers included.
+    With `short_side`, every image is decoded reduced to that shorter side before the transform, cached or not
+    (see `reduce_on_load`): 2 * the crop size for RandomResizedCrop, the Resize size for validation.
     """
 
     def __init__(self, samples, root, class_names, transform=None, short_side=None):
@@ -601,6 +603,40 @@ class MyDataset(Dataset):
         start = offsets[index]
         array = pixels[start : start + height * width * 3].numpy().reshape(height, width, 3)
         return Image.fromarray(array)
+
+
+class BadImageError(Exception):
+    """An image failed to decode during training and --skip-bad-images is off."""
+
+
+class BadImageLog:
+    """Reports each undecodable image once, and counts them per epoch."""
+
+    def __init__(self, skip):
+        self.skip = skip
+        self.seen = set()
+        self.count = 0
+
+    def handle(self, bad):
+        for image in bad:
+            if not self.skip:
+                raise BadImageError(f"{where(image.line, image.image)}: {image.reason}")
+            self.count += 1
+            if image.image not in self.seen:
+                self.seen.add(image.image)
+                tqdm.write(f"warning: skipping {where(image.line, image.image)}: {image.reason}", file=sys.stderr)
+
+
+def cache_bytes(sizes, short_side):
+    """RAM the decoded-image cache would take, images reduced to `short_side`."""
+    return sum(3 * w * h * min(1.0, short_side / min(w, h)) ** 2 for w, h in sizes)
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown (Windows): never cache automatically
 
 
 def collate_skipping_bad(batch):

@@ -194,6 +194,33 @@ def load_run_checkpoint(path, flag, for_training=False):
     return checkpoint
 
 
+def resume_checkpoint(args, typed, output_dir):
+    """The checkpoint --resume continues from, with the run's saved settings applied to `args` (flags typed now
+    must agree, except RESUMABLE_FLAGS); None for a new run. `--resume` alone with no last.pt yet starts a new
+    run, so a restart can rerun the very same command line; a folder holding a run is never overwritten."""
+    path = output_dir / "last.pt" if args.resume == "last" else Path(args.resume or "")
+    if args.resume and (args.resume != "last" or path.exists()):
+        checkpoint = load_run_checkpoint(path, "--resume", for_training=True)
+        apply_saved_args(args, checkpoint["args"], typed, RESUMABLE_FLAGS)
+        return checkpoint
+    if holds_a_run(output_dir):
+        raise UsageError(
+            f"--output-dir {output_dir} already holds a run; add --resume to continue it, or choose another directory"
+        )
+    return None
+
+
+def restore_training_state(checkpoint, model, optimizer, scheduler, scaler):
+    """Load last.pt's state into freshly built training pieces, for --resume."""
+    try:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(f"--resume: the checkpoint does not fit this model ({one_line(e)[:150]})") from None
+
+
 def plain_args(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
 
@@ -652,10 +679,23 @@ def _to_pil(image):
 # -------------------------------------------------------------------------------------------- args.json
 
 
-def write_args(output_dir, settings):
-    """args.json: the run's resolved settings, as timm and Ultralytics write args.yaml. Values JSON has no type
-    for (a Path, a torch.device or dtype) are written as their text."""
+def write_args(output_dir, args, ctx, workers):
+    """args.json: every flag as the run uses it, and what the script chose for this machine, as timm and
+    Ultralytics write args.yaml."""
     import json
 
-    text = json.dumps(settings, indent=2, ensure_ascii=False, default=str) + "\n"
+    import torchvision
+
+    settings = {
+        **plain_args(args),
+        "device": str(ctx.device),
+        "precision": "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch."),
+        "channels_last": ctx.channels_last,
+        "processes": ctx.world_size,
+        "workers": workers,
+        "global_batch": args.batch_size * args.accum_steps * ctx.world_size,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+    }
+    text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
     write_atomically(Path(output_dir) / "args.json", lambda f: f.write(text.encode()))

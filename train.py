@@ -38,12 +38,16 @@ from tqdm import tqdm
 
 import run_files
 from dataset import (
+    BadImageError,
+    BadImageLog,
     DataError,
     MyDataset,
+    cache_bytes,
     check_labels,
     check_val_images_are_not_training_images,
     checked,
     collate_skipping_bad,
+    physical_memory,
     read_image_sets,
     sorted_class_names,
     where,
@@ -55,10 +59,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HERE = Path(__file__).resolve().parent
 
 # ============================================================================================= arguments
-
-
-class BadImageError(Exception):
-    """An image failed to decode during training and --skip-bad-images is off."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -255,15 +255,7 @@ def settle_args(args, argv, world_size):
         shared = [str(output_dir)]
         dist.broadcast_object_list(shared, src=0)
         output_dir = Path(shared[0])
-    path = output_dir / "last.pt" if args.resume == "last" else Path(args.resume or "")
-    checkpoint = None
-    if args.resume and (args.resume != "last" or path.exists()):
-        checkpoint = run_files.load_run_checkpoint(path, "--resume", for_training=True)
-        run_files.apply_saved_args(args, checkpoint["args"], typed, run_files.RESUMABLE_FLAGS)
-    elif run_files.holds_a_run(output_dir):
-        raise UsageError(
-            f"--output-dir {output_dir} already holds a run; add --resume to continue it, or choose another directory"
-        )
+    checkpoint = run_files.resume_checkpoint(args, typed, output_dir)
     check_args(args)
     return checkpoint, output_dir
 
@@ -484,7 +476,9 @@ def load_samples(args):
         # One check of all the images in line order, so one error counts every bad file wherever it was split to.
         everything = checked(everything, args.skip_bad_images)
         train_set, val_set = (
-            everything._replace(samples=everything.samples[everything.samples["image"].isin(part["image"])])
+            everything._replace(
+                samples=everything.samples[everything.samples["image"].isin(part["image"])].reset_index(drop=True)
+            )
             for part in (train_samples, val_samples)
         )
     else:
@@ -494,18 +488,6 @@ def load_samples(args):
         train_set, val_set = checked(everything, args.skip_bad_images), checked(val_set, args.skip_bad_images)
     test_set = checked(test_set, args.skip_bad_images) if test_set is not None else None
     return train_set, val_set, test_set, class_names, split_method
-
-
-def cache_bytes(sizes, short_side):
-    """RAM the decoded-image cache would take, images reduced to `short_side`."""
-    return sum(3 * w * h * min(1.0, short_side / min(w, h)) ** 2 for w, h in sizes)
-
-
-def physical_memory():
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 0  # unknown (Windows): never cache automatically
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size, transforms):
@@ -746,16 +728,6 @@ def build_loss(args, train_targets, num_classes, device):
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
 
 
-def load_training_state(checkpoint, model, optimizer, scheduler, scaler):
-    try:
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        scaler.load_state_dict(checkpoint["scaler"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"--resume: the checkpoint does not fit this model ({one_line(e)[:150]})") from None
-
-
 # ======================================================================================= epoch, evaluate
 
 
@@ -784,24 +756,6 @@ class StopRequest:
         if self.signum is None:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt", file=sys.stderr)
         self.signum = signum
-
-
-class BadImageLog:
-    """Reports each undecodable image once, and counts them per epoch."""
-
-    def __init__(self, skip):
-        self.skip = skip
-        self.seen = set()
-        self.count = 0
-
-    def handle(self, bad):
-        for image in bad:
-            if not self.skip:
-                raise BadImageError(f"{where(image.line, image.image)}: {image.reason}")
-            self.count += 1
-            if image.image not in self.seen:
-                self.seen.add(image.image)
-                tqdm.write(f"warning: skipping {where(image.line, image.image)}: {image.reason}", file=sys.stderr)
 
 
 def to_device(images, ctx):
@@ -977,21 +931,6 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
         )
 
 
-def resolved_settings(args, ctx, workers):
-    """args.json: every flag as the run uses it, and what the script chose for this machine."""
-    return {
-        **run_files.plain_args(args),
-        "device": str(ctx.device),
-        "precision": "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch."),
-        "channels_last": ctx.channels_last,
-        "processes": ctx.world_size,
-        "workers": workers,
-        "global_batch": args.batch_size * args.accum_steps * ctx.world_size,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-    }
-
-
 def print_epoch(row, epochs, improved, skipped):
     print(
         f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
@@ -1079,7 +1018,7 @@ def main(args, argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
     loss_fn = build_loss(args, train_data.targets, len(class_names), device)
     if checkpoint is not None:
-        load_training_state(checkpoint, model, optimizer, scheduler, scaler)
+        run_files.restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
     train_model = wrap_model(model, args, ctx)
     bad_images = BadImageLog(args.skip_bad_images)
 
@@ -1092,7 +1031,7 @@ def main(args, argv=None):
             output_dir, {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
         )
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
-        run_files.write_args(output_dir, resolved_settings(args, ctx, workers))
+        run_files.write_args(output_dir, args, ctx, workers)
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)

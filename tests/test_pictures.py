@@ -14,6 +14,7 @@ from conftest import read_rows
 from PIL import Image
 
 import run_files
+import train
 
 NAMES = ["cat", "dog", "fox"]
 CHINESE = ["猫", "狗", "狐狸"]
@@ -152,12 +153,20 @@ def test_train_batch_jpg(tmp_path):
     open_image(tmp_path / "train_batch.jpg", "JPEG", (8 * 120, 2 * 130), (8 * 160, 2 * 200))
 
 
-def test_args_json_round_trips(tmp_path):
-    settings = {"model": "resnet18", "lr": 0.0001, "epochs": 3, "weights": None, "csv": Path("数据/labels.csv")}
-    run_files.write_args(tmp_path, settings)
+def test_args_json_holds_every_flag_and_the_machine_choices(tmp_path):
+    args = train.get_args_parser().parse_args(["--csv", "数据/labels.csv", "--batch-size", "8", "--accum-steps", "2"])
+    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    run_files.write_args(tmp_path, args, ctx, workers=0)
     text = (tmp_path / "args.json").read_text(encoding="utf-8")
     assert "数据" in text  # readable, not \\u escapes
-    assert json.loads(text) == {**settings, "csv": "数据/labels.csv"}
+    settings = json.loads(text)
+    resolved = {"device", "workers"}  # the flags' auto values are written as what the run chose
+    assert {k: settings[k] for k in vars(args) if k not in resolved} == {
+        k: v for k, v in vars(args).items() if k not in resolved
+    }
+    assert settings["device"] == "cpu" and settings["precision"] == "fp32" and settings["global_batch"] == 16
+    assert settings["workers"] == 0
+    assert settings["torch"] == torch.__version__
 
 
 # ----------------------------------------------------------------------------------- fonts and failures
