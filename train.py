@@ -766,6 +766,12 @@ def to_device(images, ctx):
     return images.float().div_(255).sub_(ctx.mean).div_(ctx.std)
 
 
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def seed_epoch(seed, epoch, ctx, train_loader):
     """Derive every random number of an epoch (shuffle, augmentation, dropout) from (seed, epoch, rank).
 
@@ -773,9 +779,7 @@ def seed_epoch(seed, epoch, ctx, train_loader):
     under torchrun too.
     """
     epoch_seed = int(np.random.SeedSequence([seed, epoch, ctx.rank]).generate_state(1)[0])
-    random.seed(epoch_seed)
-    np.random.seed(epoch_seed)
-    torch.manual_seed(epoch_seed)
+    seed_everything(epoch_seed)
     train_loader.generator.manual_seed(epoch_seed)
     if isinstance(train_loader.sampler, DistributedSampler):
         train_loader.sampler.set_epoch(epoch)
@@ -1006,9 +1010,7 @@ def main(args, argv=None):
     train_loader, val_loader = build_dataloaders(args, train_data, val_data, ctx, workers)
 
     # ---- model, optimizer
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
+    seed_everything(args.seed)
     torch.backends.cudnn.benchmark = device.type == "cuda"  # input sizes are fixed: pick the fastest kernels once
     model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
     check_input_size(model, args.model, args.image_size)

@@ -1,6 +1,6 @@
 """The original tutorial script, end to end, as a baseline: python benchmarks/original.py [--csv ... --root ...]
 
-A copy of the document's main() (/work/shared/seed) with only what it needs to run at all: the CSV-backed
+A copy of the tutorial document's main() with only what it needs to run at all: the CSV-backed
 MyDataset it never shows (PIL, RGB), the undefined `train_steps` (set to len(train_loader)), the class count
 and paths as flags, and --image-size (its 224 and 256 scaled alike). Everything else is as written: one
 dataset built with the training transform and split by an unseeded random_split (so validation images are
