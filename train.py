@@ -224,7 +224,7 @@ def explicit_flags(argv):
 
 def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
-    if args.data and (args.csv or args.val_csv or args.test_csv):
+    if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
         raise UsageError("--data takes class folders; drop --csv/--val-csv/--test-csv, or drop --data")
     if args.data is None and args.csv is None and args.root is not None:
         if not Path(args.root).is_dir() or not any(p.is_dir() for p in Path(args.root).iterdir()):
@@ -958,7 +958,10 @@ def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
         val_set = read_image_sets(
-            csv=args.val_csv, root=args.val_root or args.root, label_col=args.label_col, image_col=args.image_col
+            csv=args.val_csv,
+            root=args.val_root or args.root or Path(args.val_csv).parent,
+            label_col=args.label_col,
+            image_col=args.image_col,
         )[0]
         check_labels(val_set, class_names)
         val_set = checked(val_set, args.skip_bad_images)

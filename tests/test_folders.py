@@ -113,6 +113,19 @@ def test_a_folder_run_resumes_evaluates_and_predicts_like_a_csv_run(tmp_path, ca
     assert [r["epoch"] for r in read_rows(run_dir / "metrics.csv")] == ["1", "2"]
     assert run_train("--evaluate", run_dir / "best.pt", "--output-dir", tmp_path / "eval") == 0
     assert int({r["label"]: r for r in read_rows(tmp_path / "eval" / "report.csv")}["accuracy"]["support"]) == 6
+    val_csv = write_csv(tmp_path / "val.csv", [(f"val/cat/cat_{i}.png", "cat") for i in range(2)])
+    argv = [
+        "--evaluate",
+        run_dir / "best.pt",
+        "--val-csv",
+        val_csv,
+        "--val-root",
+        data,
+        "--output-dir",
+        tmp_path / "e2",
+    ]
+    assert run_train(*argv) == 0
+    assert int({r["label"]: r for r in read_rows(tmp_path / "e2" / "report.csv")}["accuracy"]["support"]) == 2
     capsys.readouterr()
     assert predict.run_cli([str(run_dir / "best.pt"), str(data / "val"), "--device", "cpu"]) == 0
     assert len(read_rows(run_dir / "predictions.csv")) == 6
