@@ -85,11 +85,12 @@ def test_the_test_set_never_chooses_the_best_checkpoint(tmp_path, tiny_data, mon
     test_csv = write_csv(tmp_path / "test.csv", [(r["image"], r["label"]) for r in rows[:4]])
     evaluated = []
     evaluate = train.evaluate
-    monkeypatch.setattr(
-        train,
-        "evaluate",
-        lambda model, loader, *a: evaluated.append(len(loader.dataset)) or evaluate(model, loader, *a),
-    )
+
+    def counting_evaluate(model, loader, *args, **kwargs):
+        evaluated.append(len(loader.dataset))
+        return evaluate(model, loader, *args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", counting_evaluate)
     argv = ["--csv", csv_path, "--root", root, "--test-csv", test_csv, *FAST, "--epochs", "2"]
     assert run_train(*argv, "--output-dir", tmp_path / "run") == 0
     # two epochs of validation (6 images), then best.pt on validation and, once, on the 4 test images
