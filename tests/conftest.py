@@ -10,6 +10,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import run_files  # noqa: E402
 import train  # noqa: E402
 
 # Fast settings for CPU tests: a small model at a small size, no worker processes.
@@ -72,3 +73,15 @@ def train_tiny(tiny_data, tmp_path):
         return status, Path(output_dir)
 
     return run
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "pictures: the test draws the run's pictures (others skip them)")
+
+
+@pytest.fixture(autouse=True)
+def no_pictures(request, monkeypatch):
+    """Drawing costs about a second per run, more than a tiny test epoch: only tests marked `pictures` draw."""
+    if "pictures" not in request.keywords:
+        for name in ("draw_results", "draw_confusion_matrix", "draw_predictions", "draw_batch"):
+            monkeypatch.setattr(run_files, name, lambda *args, **kwargs: True)

@@ -16,6 +16,8 @@ from PIL import Image
 import run_files
 import train
 
+pytestmark = pytest.mark.pictures
+
 NAMES = ["cat", "dog", "fox"]
 CHINESE = ["猫", "狗", "狐狸"]
 
