@@ -23,9 +23,9 @@ nw = min(cpu_count, batch_size, 8) workers, resnet34 with its fc replaced, fp32,
 optimizer.zero_grad() and `running_loss += loss.item()` every step. Left out: the random 70/30 split (both
 sides train on all --images images), the progress print and the validation pass.
 
-B, "ours": train.py's get_args_parser / build_transforms / build_dataloaders (MyDataset, its worker count and
-its RAM cache decision) / build_model / build_optimizer / build_scheduler / build_loss / train_one_epoch, with
-the context (amp, channels_last) from train.make_context, as train.main() uses it.
+B, "ours": train.py's get_args_parser / build_transforms / build_datasets (MyDataset and its RAM cache
+decision) / build_dataloaders / build_model / build_optimizer / build_scheduler / build_loss / train_one_epoch,
+with the Context (amp, channels_last) from train.make_context, as train.main() uses them.
 """
 
 import argparse
@@ -34,7 +34,6 @@ import csv
 import io
 import os
 import platform
-import random
 import signal
 import statistics
 import subprocess
@@ -255,34 +254,34 @@ class Ours:
         device = train.choose_device(args.device)
         self.device = device
 
-        # Every image trains (no split, like A); a one-image validation set only because build_dataloaders wants one.
-        samples = train.read_labels(args.csv, args.image_col, args.label_col)
-        class_names = train.sorted_class_names(samples["label"])
-        val_samples = samples.head(1)
-        image_sizes = train.check_images(samples, args.root, args.csv) + train.check_images(
-            val_samples, args.root, args.csv
-        )
+        # Every image trains (no split, like A), checked as train.py checks them; a one-image validation set only
+        # because build_datasets wants one.
+        import dataset
 
-        # As in train.main(), in its order.
-        torch.manual_seed(args.seed)
-        random.seed(args.seed)
-        np.random.seed(args.seed)
+        everything = dataset.checked(dataset.read_image_sets(csv=args.csv, root=args.root)[0])
+        class_names = dataset.sorted_class_names(everything.samples["label"])
+        val_set = everything._replace(samples=everything.samples.head(1))
+
+        # train.main()'s stages, in its order.
+        train.seed_everything(args.seed)
         mean, std, resize_size = train.preprocessing_of(args)
-        self.ctx = train.make_context(args, device, mean, std)
-        amp, channels_last = self.ctx["amp"], self.ctx["channels_last"]
-        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
+        self.ctx = train.make_context(device, args.amp, mean, std)
+        amp, channels_last = self.ctx.amp_dtype, self.ctx.channels_last
         transforms = train.build_transforms(args.image_size, mean, std, resize_size)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
-            self.loader, _, workers, cached = train.build_dataloaders(
-                args, samples, val_samples, class_names, transforms, device, image_sizes, 0, 1
+            train_data, val_data, _, cached = train.build_datasets(
+                args, everything, val_set, None, class_names, resize_size, transforms
             )
         self.setup_seconds = time.perf_counter() - started
+        workers = train.default_workers(device) if args.workers is None else args.workers
+        self.loader, _ = train.build_dataloaders(args, train_data, val_data, self.ctx, workers)
+        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.optimizer = train.build_optimizer(model, args)
         self.scheduler = train.build_scheduler(self.optimizer, args, len(self.loader))
         self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-        self.loss_fn = train.build_loss(args, self.loader.dataset.targets, len(class_names), device)
+        self.loss_fn = train.build_loss(args, train_data.targets, len(class_names), device)
         self.model = torch.compile(model) if args.compile else model
         self.epochs_run = 0
         self.amp, self.channels_last, self.workers, self.cached = amp, channels_last, workers, cached
@@ -304,13 +303,15 @@ class Ours:
         with contextlib.redirect_stderr(io.StringIO()):
             stats = self.train.train_one_epoch(
                 self.model,
-                self.loader,
                 self.loss_fn,
                 self.optimizer,
                 self.scheduler,
                 self.scaler,
+                self.loader,
                 self.ctx,
+                self.args,
                 self.epochs_run,
+                self.train.BadImageLog(skip=False),
                 stop,
             )
         return int(stats["count"])
