@@ -334,7 +334,10 @@ def launch_processes(nproc, argv):
     try:
         elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
     except ChildFailedError as e:
-        exitcode = e.get_first_failure()[1].exitcode
+        # The process that failed, not one that stopped (exit 1) because its collective broke, whichever the
+        # launcher noticed first.
+        failures = [failure.exitcode for failure in e.failures.values()]
+        exitcode = next((code for code in failures if code != 1), failures[0])
         return exitcode if exitcode > 0 else 128 - exitcode  # a negative exit code is the signal that ended it
     except SignalException as e:  # Ctrl-C: the processes saved last.pt and stopped
         return 128 + e.sigval

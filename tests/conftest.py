@@ -1,17 +1,23 @@
 """Shared fixtures: a tiny synthetic dataset written by the tests, and a way to run train.py in-process."""
 
 import csv
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import run_files  # noqa: E402
 import train  # noqa: E402
+
+# Tiny models at 32 px spend more time dividing work between threads than computing; one thread is faster.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # the same for the runs tests start as processes
 
 # Fast settings for CPU tests: a small model at a small size, no worker processes.
 FAST = ["--model", "resnet18", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--device", "cpu"]
