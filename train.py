@@ -799,7 +799,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     seen, start, last_refresh = 0, time.perf_counter(), time.perf_counter()
     bar = tqdm(train_loader, f"epoch {epoch}/{args.epochs}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
-    batches = len(train_loader)
+    batches, group_has_gradients = len(train_loader), False
     for step, (images, labels, bad) in enumerate(bar):
         bad_images.handle(bad)
         if images is None and ctx.world_size > 1:  # DDP needs every process in every step
@@ -820,14 +820,16 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
                     logits = model(images)
                     loss = loss_fn(logits, labels)
                 scaler.scale(loss / group_size).backward()
+            group_has_gradients = True
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(1) == labels).sum()
             seen += len(labels)
-        if steps_now:
+        if steps_now and group_has_gradients:  # a group whose every image failed to decode has nothing to step
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            group_has_gradients = False
         if ctx.is_main and time.perf_counter() - last_refresh > 1.0 and seen:
             last_refresh = time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (last_refresh - start):.1f}")
