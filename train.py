@@ -932,12 +932,6 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
         f"{args.model}{' from ' + args.weights if args.weights else ''}, {args.optimizer} lr {args.lr:g}, "
         f"{batch}, {args.epochs} epochs -> {output_dir}"
     )
-    per_process = len(train_set.samples) // ctx.world_size
-    if per_process % args.batch_size == 1:
-        print(
-            "note: the last training batch of each epoch would be a single image, which BatchNorm cannot train on; "
-            "it is dropped"
-        )
 
 
 def print_epoch(row, epochs, improved, skipped):
@@ -1041,6 +1035,11 @@ def main(args, argv=None):
             output_dir, {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
         )
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
+        if train_loader.drop_last:  # decided once, by build_dataloaders
+            print(
+                "note: the last training batch of each epoch would be a single image, which BatchNorm cannot train on; "
+                "it is dropped"
+            )
         run_files.write_args(output_dir, args, ctx, workers)
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
