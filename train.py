@@ -334,10 +334,11 @@ def launch_processes(nproc, argv):
     try:
         elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
     except ChildFailedError as e:
-        # The process that failed, not one that stopped (exit 1) because its collective broke, whichever the
-        # launcher noticed first.
+        # The status that says what went wrong, whichever process the launcher noticed first: a process's own
+        # (2: bad input), then a death by signal (the OOM killer), then 1 (a crash, or a process whose
+        # collective broke), last the SIGTERM the launcher sends the others.
         failures = [failure.exitcode for failure in e.failures.values()]
-        exitcode = next((code for code in failures if code != 1), failures[0])
+        exitcode = min(failures, key=lambda code: (code == -signal.SIGTERM, code == 1, code < 0))
         return exitcode if exitcode > 0 else 128 - exitcode  # a negative exit code is the signal that ended it
     except SignalException as e:  # Ctrl-C: the processes saved last.pt and stopped
         return 128 + e.sigval
@@ -1168,6 +1169,11 @@ def run_cli(argv=None):
         return main(args, argv)
     except (UsageError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            # Exit at once, before the other processes notice that this one is gone: the launcher then sees
+            # this status first, not theirs (a clean shutdown here races with them being stopped).
+            sys.stdout.flush(), sys.stderr.flush()
+            os._exit(2)
         return 2
     except KeyboardInterrupt:  # before training started or after it ended: nothing to save
         print("\ninterrupted", file=sys.stderr)
