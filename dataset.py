@@ -276,6 +276,56 @@ def read_image_sets(
     )
 
 
+def labelled_image_sets(*sources, skip_bad=False):
+    """(all, val, test, class_names): the ImageSets read_image_sets(*sources) reads, every image checked (see
+    `checked`), the classes those of `all`. Refuses a single class, val/test labels that are not classes, and
+    a --val-csv whose images are all --csv images."""
+    everything, val_set, test_set = read_image_sets(*sources)
+    class_names = sorted_class_names(everything.samples["label"])
+    if len(class_names) < 2:
+        raise DataError(f"{everything.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    for part in (val_set, test_set):
+        if part is not None:
+            check_labels(part, class_names)
+    parts = (everything, val_set, test_set)
+    everything, val_set, test_set = (checked(part, skip_bad) if part is not None else None for part in parts)
+    if val_set is not None:  # after the check, which refuses paths outside their root
+        check_val_images_are_not_training_images(everything, val_set)
+    return everything, val_set, test_set, class_names
+
+
+def split_samples(image_set, val_split, seed, method):
+    """(train, val, method): `val_split` of an ImageSet's images held out for validation, the same ones for the
+    same seed and images. Stratified keeps each class's share in both parts; random is the original script's
+    random_split; auto is stratified when every class has 2 images or more.
+    """
+    samples = image_set.samples
+    generator = torch.Generator().manual_seed(seed)
+    counts = samples["label"].value_counts()
+    if method == "auto":
+        method = "stratified" if counts.min() >= 2 else "random"
+    is_val = np.zeros(len(samples), dtype=bool)
+    if method == "random":
+        order = torch.randperm(len(samples), generator=generator).numpy()
+        train_size = int(len(samples) * (1 - val_split))
+        is_val[order[train_size:]] = True
+    else:
+        for label in sorted(counts.index):
+            rows = np.flatnonzero(samples["label"].to_numpy() == label)
+            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
+            val_size = min(len(rows) - 1, max(1, round(len(rows) * val_split))) if len(rows) > 1 else 0
+            is_val[order[:val_size]] = True
+    train_count, val_count = int((~is_val).sum()), int(is_val.sum())
+    if train_count < 2 or val_count == 0:  # BatchNorm cannot train on a single image
+        left = {0: "no training images", 1: "1 training image"}.get(train_count, "no validation images")
+        raise DataError(
+            f"{image_set.source}: --val-split {val_split} leaves {left} out of {len(samples)}; "
+            "add images or change --val-split"
+        )
+    train, val = samples[~is_val].reset_index(drop=True), samples[is_val].reset_index(drop=True)
+    return image_set._replace(samples=train), image_set._replace(samples=val), method
+
+
 def check_labels(image_set, class_names):
     """Refuse labels that are not among the (training) classes."""
     unknown = sorted(set(image_set.samples["label"]) - set(class_names))
@@ -299,7 +349,7 @@ def check_val_images_are_not_training_images(train_set, val_set):
     them is the forgotten --val-root."""
     train_files = {resolve_image_path(train_set.root, p) for p in train_set.samples["image"]}
     shared = sum(resolve_image_path(val_set.root, p) in train_files for p in val_set.samples["image"])
-    if shared == len(val_set.samples):
+    if shared and shared == len(val_set.samples):
         raise DataError(
             f"--val-csv {val_set.source}: all its {shared} images are --csv images under {val_set.root}; "
             "pass --val-root with the folder of the validation images, or drop --val-csv to split --csv"
@@ -460,11 +510,15 @@ def _resized_size(size, short_side):
     return int(short_side * width / height), short_side
 
 
+def cpu_cores():
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def decode_threads():
     """Threads for decoding images: the cores this process may use, shared among the processes that torchrun
     starts on this machine. Pillow releases the GIL while it decodes and resizes."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return max(1, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 def map_in_threads(function, items, threads):
@@ -524,6 +578,7 @@ class MyDataset(Dataset):
         self.root = Path(root) if root is not None else None  # None: image paths are used as they are
         self.images = list(samples["image"])
         self.lines = list(samples["line"])
+        self.sizes = list(samples["size"]) if "size" in samples else None  # (width, height) once checked
         self.class_names = list(class_names)
         index_of = {name: i for i, name in enumerate(class_names)}
         # -1 for an unlabelled image (prediction)
@@ -625,6 +680,14 @@ class BadImageLog:
             if image.image not in self.seen:
                 self.seen.add(image.image)
                 tqdm.write(f"warning: skipping {where(image.line, image.image)}: {image.reason}", file=sys.stderr)
+
+
+def cache_fits(datasets):
+    """Whether the RAM caches of these MyDatasets take under a quarter of the machine's memory, counting one
+    cache per process that torchrun starts on this machine."""
+    needed = sum(cache_bytes(data.sizes, data.short_side) for data in datasets)
+    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    return needed * processes_here < physical_memory() / 4
 
 
 def cache_bytes(sizes, short_side):

@@ -176,6 +176,33 @@ def load_checkpoint(path, flag):
         raise UsageError(f"{flag} {path}: {reason}") from None
 
 
+def load_state_dict(path, flag):
+    """The weights in a local file: a plain state dict, or the model of one of our checkpoints. The prefixes
+    that DDP and torch.compile add to the names ('module.', '_orig_mod.') are removed."""
+    state = load_checkpoint(path, flag)
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UsageError(f"{flag} {path}: not a state dict of tensors")
+    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
+
+
+def load_weights_file(model, path, head_name, model_name):
+    """Load --weights, a local state dict (or one of our checkpoints), into `model`, all but a head (the layer
+    `head_name`) of another shape: the head is replaced anyway, a different class count must not stop fine-tuning."""
+    state, own = load_state_dict(path, "--weights"), model.state_dict()
+    head = head_name + "."
+    state = {k: v for k, v in state.items() if not (k.startswith(head) and k in own and v.shape != own[k].shape)}
+    problems = [f"missing {k}" for k in own if k not in state and not k.startswith(head)]
+    problems += [
+        f"unexpected {k}" for k in state if k not in own and not k.startswith(("AuxLogits.", "aux1.", "aux2."))
+    ]
+    problems += [f"shape of {k}" for k in state if k in own and state[k].shape != own[k].shape]
+    if problems:
+        raise UsageError(f"--weights {path}: does not fit {model_name} ({problems[0]}); is it for another --model?")
+    model.load_state_dict(state, strict=False)
+
+
 # What rebuilding and using a trained model needs; resuming also needs the training state.
 MODEL_KEYS = ("model", "model_name", "class_names", "image_size", "mean", "std")
 TRAINING_KEYS = ("args", "epoch", "best", "history", "optimizer", "scheduler", "scaler")
@@ -208,6 +235,22 @@ def resume_checkpoint(args, typed, output_dir):
             f"--output-dir {output_dir} already holds a run; add --resume to continue it, or choose another directory"
         )
     return None
+
+
+def open_run(args, typed, here, world_size=1):
+    """(checkpoint or None, run directory) of --evaluate, --resume or a new run, the saved run's settings
+    applied to `args` (see apply_saved_args; `typed` are the flags given now). Under torchrun every process
+    takes rank 0's run directory."""
+    if args.evaluate:
+        checkpoint = load_run_checkpoint(args.evaluate, "--evaluate")
+        apply_saved_args(args, checkpoint["args"], typed, EVALUATE_FLAGS)
+        return checkpoint, Path(args.output_dir or Path(args.evaluate).parent)
+    output_dir = choose_output_dir(args.output_dir, args.resume, here)
+    if world_size > 1:
+        shared = [str(output_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        output_dir = Path(shared[0])
+    return resume_checkpoint(args, typed, output_dir), output_dir
 
 
 def restore_training_state(checkpoint, model, optimizer, scheduler, scaler):
@@ -329,8 +372,8 @@ def pad(text, width):
 
 
 def write_report(output_dir, stats, class_names, title, prefix=""):
-    """Print the per-class report and confusion matrix; save them as {prefix}report.csv and
-    {prefix}confusion_matrix.csv."""
+    """Print the per-class report and confusion matrix; save them as {prefix}report.csv,
+    {prefix}confusion_matrix.csv and the picture {prefix}confusion_matrix.png."""
     rows = classification_report(stats, class_names)
     width = max(12, *(display_width(row["label"]) for row in rows))
     print(f"\n{title}: {stats['count']} images, loss {stats['val_loss']:.3f}")
@@ -354,6 +397,7 @@ def write_report(output_dir, stats, class_names, title, prefix=""):
         {"true\\predicted": name, **dict(zip(class_names, counts))} for name, counts in zip(class_names, confusion)
     ]
     write_csv_atomically(output_dir / f"{prefix}confusion_matrix.csv", ["true\\predicted", *class_names], matrix_rows)
+    draw_confusion_matrix(output_dir, stats["confusion"], class_names, prefix)
 
 
 # ---- pictures
@@ -590,6 +634,18 @@ def prediction_order(true, predicted, confidence):
         range(len(true)),
         key=lambda i: (true[i] == predicted[i], confidence[i] if true[i] == predicted[i] else -confidence[i]),
     )
+
+
+# What evaluate() keeps for val_predictions.jpg before the first batch: (uint8 images, true, predicted, confidence).
+NO_EXAMPLES = (torch.zeros(0, 3, 1, 1, dtype=torch.uint8), torch.zeros(0), torch.zeros(0), torch.zeros(0))
+
+
+def keep_examples(kept, batch, keep):
+    """The `keep` images of `kept` and a new `batch` that prediction_order puts first: a running selection, so
+    memory stays at `keep` images whatever the size of the data."""
+    joined = [torch.cat([a, b]) if len(a) else b for a, b in zip(kept, batch)]
+    chosen = prediction_order(*joined[1:])[:keep]
+    return [part[chosen] for part in joined]
 
 
 def draw_predictions(output_dir, images, true, predicted, confidence, class_names, max_images=32):

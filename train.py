@@ -42,14 +42,14 @@ from dataset import (
     BadImageLog,
     DataError,
     MyDataset,
-    cache_bytes,
+    cache_fits,
     check_labels,
-    check_val_images_are_not_training_images,
     checked,
     collate_skipping_bad,
-    physical_memory,
+    cpu_cores,
+    labelled_image_sets,
     read_image_sets,
-    sorted_class_names,
+    split_samples,
     where,
 )
 from run_files import UsageError, one_line, save_checkpoint
@@ -93,6 +93,7 @@ def number(kind, allowed, requirement):
 POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "positive"), number(float, lambda v: v > 0, "positive")
 COUNT, NON_NEGATIVE = number(int, lambda v: v >= 0, "0 or more"), number(float, lambda v: v >= 0, "0 or more")
 FRACTION = number(float, lambda v: 0 < v < 1, "between 0 and 1")
+IMAGE_SIZE, SMOOTHING = number(int, lambda v: v >= 16, "at least 16"), number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -106,10 +107,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def get_args_parser():
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    # One flag a line (two for a long help text), as in a table: the formatter would spread each over six.
+    # fmt: off
     data = parser.add_argument_group("data").add_argument
-    data(
-        "--data", help="folder of class folders, or with train/, val/ (or valid/, validation/) and optional test/ in it"
-    )
+    data("--data",
+         help="folder of class folders, or with train/, val/ (or valid/, validation/) and optional test/ in it")
     data("--csv", help="CSV with a header row: image path, label (default: the sample, data/labels.csv)")
     data("--root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
     data("--image-col", help="column of image paths (default: 'image', or the first of two)")
@@ -119,98 +121,54 @@ def get_args_parser():
     data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
     data("--test-root", help="folder the --test-csv paths are relative to (default: --root)")
     data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
-    data(
-        "--split",
-        choices=["auto", "stratified", "random"],
-        default="auto",
-        help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images",
-    )
-    data(
-        "--image-size",
-        type=number(int, lambda v: v >= 16, "at least 16"),
-        default=224,
-        help="training crop size; validation resizes to size*256/224",
-    )
+    data("--split", choices=["auto", "stratified", "random"], default="auto",
+         help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images")
+    data("--image-size", type=IMAGE_SIZE, default=224, help="training crop size; validation resizes to size*256/224")
     data("--workers", type=COUNT, help="DataLoader worker processes (default: fitted to the cores)")
-    data(
-        "--cache",
-        choices=["auto", "on", "off"],
-        default="auto",
-        help="decode images once into RAM; auto = when they take under a quarter of it",
-    )
+    data("--cache", choices=["auto", "on", "off"], default="auto",
+         help="decode images once into RAM; auto = when they take under a quarter of it")
     data("--skip-bad-images", action="store_true", help="drop images that fail to decode instead of stopping")
     data("--balanced-sampler", action="store_true", help="draw training images with equal weight per class")
 
     model = parser.add_argument_group("model").add_argument
     model("--model", default="resnet34", help="any torchvision classification model name")
-    model(
-        "--weights", help="pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a local .pth state dict"
-    )
+    model("--weights",
+          help="pretrained weights: a torchvision name (DEFAULT, IMAGENET1K_V1) or a local .pth state dict")
     model("--freeze-backbone", action="store_true", help="train only the new classification head")
     model("--sync-bn", action="store_true", help="synchronise BatchNorm statistics across torchrun processes")
 
     optim = parser.add_argument_group("optimization").add_argument
     optim("--epochs", type=POSITIVE_INT, default=3, help="number of epochs")
     optim("--batch-size", type=POSITIVE_INT, default=16, help="images per step (per process under torchrun)")
-    optim(
-        "--accum-steps",
-        type=POSITIVE_INT,
-        default=1,
-        help="sum the gradients of this many batches before each optimizer step (a bigger batch in less memory)",
-    )
+    optim("--accum-steps", type=POSITIVE_INT, default=1,
+          help="sum the gradients of this many batches before each optimizer step (a bigger batch in less memory)")
     optim("--optimizer", choices=["adam", "adamw", "sgd"], default="adam", help="optimizer")
     optim("--lr", type=POSITIVE, default=1e-4, help="learning rate")
     optim("--momentum", type=NON_NEGATIVE, default=0.9, help="SGD momentum")
     optim("--weight-decay", type=NON_NEGATIVE, default=0.0, help="weight decay, not applied to biases and norm layers")
-    optim(
-        "--lr-schedule",
-        choices=["none", "cosine", "step"],
-        default="none",
-        help="learning-rate schedule over the epochs (step: x0.1 every third of the run)",
-    )
+    optim("--lr-schedule", choices=["none", "cosine", "step"], default="none",
+          help="learning-rate schedule over the epochs (step: x0.1 every third of the run)")
     optim("--warmup-epochs", type=COUNT, default=0, help="epochs of linear learning-rate warmup")
-    optim(
-        "--label-smoothing",
-        type=number(float, lambda v: 0 <= v < 1, "in [0, 1)"),
-        default=0.0,
-        help="label smoothing for the cross-entropy loss",
-    )
-    optim(
-        "--class-weights",
-        choices=["none", "balanced"],
-        default="none",
-        help="balanced = weight the loss by inverse class frequency",
-    )
+    optim("--label-smoothing", type=SMOOTHING, default=0.0, help="label smoothing for the cross-entropy loss")
+    optim("--class-weights", choices=["none", "balanced"], default="none",
+          help="balanced = weight the loss by inverse class frequency")
     optim("--best-metric", choices=["acc", "macro_f1", "loss"], default="acc", help="what best.pt is best at")
     optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
     run = parser.add_argument_group("run").add_argument
     run("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
-    run(
-        "--nproc",
-        type=POSITIVE_INT,
-        help="processes to train with (DDP, one per GPU) (default: every visible GPU, else 1)",
-    )
-    run(
-        "--amp",
-        choices=["auto", "bf16", "fp16", "off"],
-        default="auto",
-        help="mixed precision; auto = bf16 where the device supports it, fp16 on older GPUs",
-    )
+    run("--nproc", type=POSITIVE_INT,
+        help="processes to train with (DDP, one per GPU) (default: every visible GPU, else 1)")
+    run("--amp", choices=["auto", "bf16", "fp16", "off"], default="auto",
+        help="mixed precision; auto = bf16 where the device supports it, fp16 on older GPUs")
     run("--compile", action="store_true", help="torch.compile the model (slow start, faster steps)")
     run("--seed", type=int, default=0, help="seed for the split, initialisation and augmentation")
     run("--output-dir", help="run directory (default: a new runs/expN)")
-    run(
-        "--resume",
-        nargs="?",
-        const="last",
-        help="continue a run from a checkpoint (alone: the run directory's last.pt)",
-    )
-    run(
-        "--evaluate",
-        metavar="CHECKPOINT",
-        help="only evaluate a checkpoint on the validation data and write the report",
-    )
+    run("--resume", nargs="?", const="last",
+        help="continue a run from a checkpoint (alone: the run directory's last.pt)")
+    run("--evaluate", metavar="CHECKPOINT",
+        help="only evaluate a checkpoint on the validation data and write the report")
+    # fmt: on
     return parser
 
 
@@ -235,29 +193,6 @@ def check_args(args):
         args.csv, args.root = str(HERE / "data" / "labels.csv"), str(HERE / "data" / "images")
     if args.csv and args.root is None:
         args.root = str(Path(args.csv).parent)
-
-
-def settle_args(args, argv, world_size):
-    """Settle `args` in one place: a resumed or evaluated run's saved settings applied, then checked once.
-
-    Returns (checkpoint or None, run directory). `--resume` alone with no last.pt yet starts a new run, so a
-    restart can rerun the very same command line.
-    """
-    typed = explicit_flags(argv)
-    if args.evaluate:
-        checkpoint = run_files.load_run_checkpoint(args.evaluate, "--evaluate")
-        run_files.apply_saved_args(args, checkpoint["args"], typed, run_files.EVALUATE_FLAGS)
-        check_args(args)
-        return checkpoint, Path(args.output_dir or Path(args.evaluate).parent)
-
-    output_dir = run_files.choose_output_dir(args.output_dir, args.resume, HERE)
-    if world_size > 1:  # every rank must agree on one run directory
-        shared = [str(output_dir)]
-        dist.broadcast_object_list(shared, src=0)
-        output_dir = Path(shared[0])
-    checkpoint = run_files.resume_checkpoint(args, typed, output_dir)
-    check_args(args)
-    return checkpoint, output_dir
 
 
 # ================================================================================================ device
@@ -314,23 +249,15 @@ def processes_to_launch(args):
 
 def launch_processes(nproc, argv):
     """Run this script in `nproc` DDP processes through PyTorch's own elastic launcher, as torchrun --standalone
-    would. Returns the exit status of the process that failed first (its error line is already shown), else 0."""
+    would. Returns the exit status of the process that failed (its error line is already shown), else 0."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))  # the cores are shared, not oversubscribed
-    config = LaunchConfig(
-        min_nodes=1,
-        max_nodes=1,
-        nproc_per_node=nproc,
-        run_id=f"train-{os.getpid()}",
-        rdzv_backend="c10d",
-        rdzv_endpoint="localhost:0",
-        max_restarts=0,
-    )
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))  # share the cores, not oversubscribe
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"train-{os.getpid()}",
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
     try:
         elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
     except ChildFailedError as e:
@@ -347,12 +274,7 @@ def launch_processes(nproc, argv):
 
 def choose_device(name, local_rank=None):
     if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
+        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
         device = torch.device(name)
     except RuntimeError:
@@ -376,10 +298,8 @@ def choose_amp(requested, device):
     """The autocast dtype, or None for fp32: bf16 where the hardware does it natively, fp16 on older GPUs."""
     if requested == "off" or device.type == "mps":
         return None
-    if requested == "bf16":
-        return torch.bfloat16
-    if requested == "fp16":
-        return torch.float16
+    if requested in ("bf16", "fp16"):
+        return torch.bfloat16 if requested == "bf16" else torch.float16
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else None
@@ -390,8 +310,7 @@ def default_workers(device, world_size=1):
         # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
         # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
         return 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(8, max(1, cores // world_size))
+    return min(8, max(1, cpu_cores() // world_size))
 
 
 # ================================================================================================== data
@@ -421,93 +340,34 @@ def preprocessing_of(args):
     return mean, std, resize_size
 
 
-def split_samples(samples, val_split, seed, method):
-    """Hold out `val_split` of the rows for validation, the same way for the same seed and data.
-
-    Stratified keeps each class's share in both parts; random is the original script's random_split.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    counts = samples["label"].value_counts()
-    if method == "auto":
-        method = "stratified" if counts.min() >= 2 else "random"
-    is_val = np.zeros(len(samples), dtype=bool)
-    if method == "random":
-        order = torch.randperm(len(samples), generator=generator).numpy()
-        train_size = int(len(samples) * (1 - val_split))
-        is_val[order[train_size:]] = True
-    else:
-        for label in sorted(counts.index):
-            rows = np.flatnonzero(samples["label"].to_numpy() == label)
-            order = rows[torch.randperm(len(rows), generator=generator).numpy()]
-            val_size = min(len(rows) - 1, max(1, round(len(rows) * val_split))) if len(rows) > 1 else 0
-            is_val[order[:val_size]] = True
-    return samples[~is_val].reset_index(drop=True), samples[is_val].reset_index(drop=True), method
-
-
 def load_samples(args):
     """The train, val and test ImageSets (test None), the classes, and how val was chosen.
 
-    Every image is checked before training starts; one error lists every bad file (or, with
-    --skip-bad-images, they are dropped with a count).
+    Every image is checked before training starts (see dataset.labelled_image_sets); without a validation
+    CSV or folder, validation is --val-split of the images, seeded (see dataset.split_samples).
     """
-    everything, val_set, test_set = read_image_sets(
-        args.data,
-        args.csv,
-        args.root,
-        args.val_csv,
-        args.val_root,
-        args.test_csv,
-        args.test_root,
-        args.image_col,
-        args.label_col,
+    sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
+    everything, val_set, test_set, class_names = labelled_image_sets(
+        *sources, args.image_col, args.label_col, skip_bad=args.skip_bad_images
     )
-    class_names = sorted_class_names(everything.samples["label"])
-    if len(class_names) < 2:
-        raise DataError(f"{everything.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
-    for part in (val_set, test_set):
-        if part is not None:
-            check_labels(part, class_names)
-    if val_set is None:
-        train_samples, val_samples, split_method = split_samples(
-            everything.samples, args.val_split, args.seed, args.split
-        )
-        if len(train_samples) < 2 or len(val_samples) == 0:  # BatchNorm cannot train on a single image
-            left = {0: "no training images", 1: "1 training image"}.get(len(train_samples), "no validation images")
-            raise DataError(
-                f"{everything.source}: --val-split {args.val_split} leaves {left} out of {len(everything.samples)}; "
-                "add images or change --val-split"
-            )
-        # One check of all the images in line order, so one error counts every bad file wherever it was split to.
-        everything = checked(everything, args.skip_bad_images)
-        train_set, val_set = (
-            everything._replace(
-                samples=everything.samples[everything.samples["image"].isin(part["image"])].reset_index(drop=True)
-            )
-            for part in (train_samples, val_samples)
-        )
-    else:
-        split_method = "val folder" if args.data else "separate CSV"
-        if not args.data:
-            check_val_images_are_not_training_images(everything, val_set)
-        train_set, val_set = checked(everything, args.skip_bad_images), checked(val_set, args.skip_bad_images)
-    test_set = checked(test_set, args.skip_bad_images) if test_set is not None else None
+    if val_set is not None:
+        return everything, val_set, test_set, class_names, "val folder" if args.data else "separate CSV"
+    train_set, val_set, split_method = split_samples(everything, args.val_split, args.seed, args.split)
     return train_set, val_set, test_set, class_names, split_method
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size, transforms):
-    """MyDatasets for each part. Images are decoded at the size their transform needs: training keeps 2x the
-    crop (RandomResizedCrop's larger crops keep full detail), validation exactly its Resize; the RAM cache
-    holds the same reduced pixels, so cached and uncached runs see the same images."""
-    train_short, val_short = 2 * args.image_size, resize_size
-    train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], short_side=train_short)
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], short_side=val_short)
-    test_data = None
-    if test_set is not None:
-        test_data = MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], short_side=val_short)
-    # Each process on a machine holds its own cache.
-    processes_here = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    needed = cache_bytes(train_set.samples["size"], train_short) + cache_bytes(val_set.samples["size"], val_short)
-    use_cache = args.cache == "on" or (args.cache == "auto" and needed * processes_here < physical_memory() / 4)
+    """MyDatasets for each part (test None without a test set), and whether they are cached in RAM. Images are
+    decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
+    crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
+    short_sides = {"train": 2 * args.image_size, "val": resize_size}
+    train_data, val_data, test_data = (
+        MyDataset(part.samples, part.root, class_names, transforms[kind], short_side=short_sides[kind])
+        if part is not None
+        else None
+        for part, kind in ((train_set, "train"), (val_set, "val"), (test_set, "val"))
+    )
+    use_cache = args.cache == "on" or (args.cache == "auto" and cache_fits([train_data, val_data]))
     if use_cache:
         train_data.fill_cache()
         val_data.fill_cache()
@@ -535,6 +395,7 @@ def loader_options(workers, device):
 def build_dataloaders(args, train_data, val_data, ctx, workers):
     """The training loader (shuffled, sharded under DDP) and the validation loader (each image once)."""
     generator = torch.Generator()  # seeded at the start of every epoch by seed_epoch
+    train_sampler = None
     if ctx.world_size > 1:
         if args.balanced_sampler:
             raise UsageError("--balanced-sampler does not work under torchrun yet; use --class-weights balanced")
@@ -543,8 +404,6 @@ def build_dataloaders(args, train_data, val_data, ctx, workers):
         class_counts = np.bincount(train_data.targets, minlength=len(train_data.class_names))
         sample_weights = 1.0 / class_counts[train_data.targets]
         train_sampler = WeightedRandomSampler(sample_weights, len(train_data), generator=generator)
-    else:
-        train_sampler = None
     train_loader = DataLoader(
         train_data,
         args.batch_size,
@@ -580,7 +439,7 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         model = torchvision.models.get_model(model_name, **kwargs)
     elif is_weights_file(weights):
         model = torchvision.models.get_model(model_name, **kwargs)
-        load_weights_file(model, weights, model_name)
+        run_files.load_weights_file(model, weights, _head(model)[0], model_name)
     else:
         model = torchvision.models.get_model(model_name, weights=torchvision_weights(model_name, weights), **kwargs)
     head_name = replace_head(model, num_classes)
@@ -612,9 +471,8 @@ def check_input_size(model, model_name, image_size):
         with torch.inference_mode():
             model.eval()(torch.zeros(1, 3, image_size, image_size))
     except RuntimeError as e:
-        raise UsageError(
-            f"--image-size {image_size} does not fit {model_name} ({one_line(e)[:100]}); use a larger size"
-        ) from None
+        reason = one_line(e)[:100]
+        raise UsageError(f"--image-size {image_size} does not fit {model_name} ({reason}); use a larger size") from None
 
 
 def torchvision_weights(model_name, weights):
@@ -625,47 +483,17 @@ def torchvision_weights(model_name, weights):
         raise UsageError(f"--weights {weights}: {model_name} has no such weights; choose from {choices} or a .pth file")
     weight = enum[name]
     try:
-        weight.get_state_dict(progress=False, check_hash=True)
+        weight.get_state_dict(progress=False, check_hash=True)  # downloaded once, then read from torch's cache
     except Exception as e:
-        raise UsageError(
-            f"--weights {weights}: could not download {weight.url} ({one_line(e)}); "
-            "download it elsewhere and pass the .pth file"
-        ) from None
+        hint = "download it elsewhere and pass the .pth file"
+        raise UsageError(f"--weights {weights}: could not download {weight.url} ({one_line(e)}); {hint}") from None
     return weight
-
-
-def load_weights_file(model, path, model_name):
-    """Load a local state dict (or one of our checkpoints) into `model`, ignoring only a different head."""
-    state = run_files.load_checkpoint(path, "--weights")
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"--weights {path}: not a state dict of tensors")
-    state = {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-    own = model.state_dict()
-    head_name = _head(model)[0]
-    for key in [k for k in state if k.startswith(head_name + ".") and k in own and state[k].shape != own[k].shape]:
-        del state[key]  # the head is replaced anyway; a different class count must not stop fine-tuning
-    missing = [k for k in own if k not in state and not k.startswith(head_name + ".")]
-    unexpected = [k for k in state if k not in own and not k.startswith(("AuxLogits.", "aux1.", "aux2."))]
-    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        detail = (
-            (missing and f"missing {missing[0]}")
-            or (unexpected and f"unexpected {unexpected[0]}")
-            or (f"shape of {mismatched[0]}")
-        )
-        raise UsageError(f"--weights {path}: does not fit {model_name} ({detail}); is it for another --model?")
-    model.load_state_dict(state, strict=False)
 
 
 def _head(model):
     """The final classification layer: the last Linear, or squeezenet's 1x1 convolution."""
     linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if linears:
-        return linears[-1]
-    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-    return convs[-1]
+    return linears[-1] if linears else [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
 
 
 def replace_head(model, num_classes):
@@ -736,10 +564,8 @@ def build_loss(args, train_targets, num_classes, device):
 
 
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves last.pt and exits 130/143.
-
-    Used as `with StopRequest() as stop:` around the loop.
-    """
+    """`with StopRequest() as stop:` SIGINT/SIGTERM set stop.signum; the loop finishes its step, saves
+    last.pt and exits 130/143."""
 
     def __init__(self):
         self.signum = None
@@ -790,11 +616,8 @@ def seed_epoch(seed, epoch, ctx, train_loader):
 
 
 def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images, stop):
-    """One pass over the training data, one optimizer step per --accum-steps batches.
-
-    Loss and accuracy add up on the device and are read only when the progress bar refreshes, so the loop
-    never waits for the GPU between steps.
-    """
+    """One pass over the training data, one optimizer step per --accum-steps batches. Loss and accuracy add up
+    on the device and are read only when the progress bar refreshes: the loop never waits for the GPU."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
@@ -804,9 +627,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     for step, (images, labels, bad) in enumerate(bar):
         bad_images.handle(bad)
         if images is None and ctx.world_size > 1:  # DDP needs every process in every step
-            raise BadImageError(
-                f"every image of a batch failed to decode, the first: {where(bad[0].line, bad[0].image)}"
-            )
+            first = where(bad[0].line, bad[0].image)
+            raise BadImageError(f"every image of a batch failed to decode, the first: {first}")
         # Gradients of a group of batches add up; each loss is divided by the group's size so that the sum
         # is the mean over the group, as one big batch. The last group of the epoch may be smaller.
         group_start = step - step % args.accum_steps
@@ -840,6 +662,9 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     optimizer.zero_grad(set_to_none=True)  # a stop inside a group leaves partial gradients
     count = torch.tensor(float(seen), device=ctx.device)
     loss_total, correct_total, count = all_reduce(torch.stack([loss_sum.float(), correct.float(), count]), ctx).tolist()
+    if not math.isfinite(loss_total):
+        message = f"training loss became {loss_total} in epoch {epoch}; lower --lr (last.pt keeps the previous epoch)"
+        raise UsageError(message)
     return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
 
 
@@ -869,7 +694,7 @@ def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
     The loss is plain cross-entropy, without class weights or smoothing, so it compares across settings.
     With `keep`, also the `keep` images most worth looking at (this process's, as uint8) and their predictions.
     """
-    examples = (torch.zeros(0, 3, 1, 1, dtype=torch.uint8), *(torch.zeros(0) for _ in range(3)))
+    examples = run_files.NO_EXAMPLES
     model.eval()
     ks = [k for k in (2, 5) if k < num_classes]
     loss_sum = torch.zeros((), device=ctx.device)
@@ -887,12 +712,10 @@ def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
         for i, k in enumerate(ks):
             topk_hits[i] += (logits.topk(k).indices == labels[:, None]).any(1).sum()
-        if keep:  # a running selection, so memory stays at `keep` images whatever the size of the data
+        if keep:
             confidence, predicted = logits.softmax(1).max(1)
             batch = (images_uint8, labels.cpu(), predicted.cpu(), confidence.float().cpu())
-            examples = [torch.cat([a, b]) if len(a) else b for a, b in zip(examples, batch)]
-            chosen = run_files.prediction_order(*examples[1:])[:keep]
-            examples = [part[chosen] for part in examples]
+            examples = run_files.keep_examples(examples, batch, keep)
     loss_sum = all_reduce(loss_sum, ctx)
     confusion = all_reduce(confusion, ctx).view(num_classes, num_classes).cpu()
     topk_hits = all_reduce(topk_hits, ctx).cpu()
@@ -926,13 +749,10 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
     )
     global_batch = args.batch_size * args.accum_steps * ctx.world_size
     batch = f"batch {args.batch_size}" + f" x {args.accum_steps} accumulated" * (args.accum_steps > 1)
-    batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1) + f" (global {global_batch})" * (
-        global_batch > args.batch_size
-    )
-    print(
-        f"{args.model}{' from ' + args.weights if args.weights else ''}, {args.optimizer} lr {args.lr:g}, "
-        f"{batch}, {args.epochs} epochs -> {output_dir}"
-    )
+    batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1)
+    batch += f" (global {global_batch})" * (global_batch > args.batch_size)
+    weights = f" from {args.weights}" if args.weights else ""
+    print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {args.epochs} epochs -> {output_dir}")
 
 
 def print_epoch(row, epochs, improved, skipped):
@@ -950,19 +770,22 @@ def save_on_main(ctx, *args, **kwargs):
         save_checkpoint(*args, **kwargs)
 
 
-def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
-    """--evaluate: the report for a saved checkpoint on validation data, with its own classes and preprocessing.
+def resume_command(args, ctx, output_dir):
+    if args.nproc:
+        launcher = f"python train.py --nproc {args.nproc}"
+    else:
+        launcher = f"torchrun --nproc_per_node={ctx.world_size} train.py" if ctx.world_size > 1 else "python train.py"
+    return f"{launcher} --output-dir {output_dir} --resume"
 
-    The data is --val-csv when given, else the validation part of the run's own split.
-    """
+
+def evaluate_checkpoint(args, checkpoint, output_dir, device):
+    """--evaluate: the report for a saved checkpoint, with its own classes and preprocessing, on --val-csv when
+    given, else on the validation part of the run's own split."""
+    ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
-        val_set = read_image_sets(
-            csv=args.val_csv,
-            root=args.val_root or args.root or Path(args.val_csv).parent,
-            label_col=args.label_col,
-            image_col=args.image_col,
-        )[0]
+        val_root = args.val_root or args.root or Path(args.val_csv).parent
+        val_set = read_image_sets(None, args.val_csv, val_root, image_col=args.image_col, label_col=args.label_col)[0]
         check_labels(val_set, class_names)
         val_set = checked(val_set, args.skip_bad_images)
     else:
@@ -971,16 +794,10 @@ def evaluate_checkpoint(args, checkpoint, output_dir, ctx):
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], checkpoint["resize_size"])
     workers = default_workers(ctx.device) if args.workers is None else args.workers
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
-    stats = evaluate(
-        model,
-        evaluation_loader(val_data, args.batch_size, ctx, workers),
-        ctx,
-        len(class_names),
-        BadImageLog(args.skip_bad_images),
-    )
+    loader = evaluation_loader(val_data, args.batch_size, ctx, workers)
+    stats = evaluate(model, loader, ctx, len(class_names), BadImageLog(args.skip_bad_images))
     run_files.make_output_dir(output_dir)
     run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {val_set.source}")
-    run_files.draw_confusion_matrix(output_dir, stats["confusion"], class_names)
     return 0
 
 
@@ -990,10 +807,11 @@ def main(args, argv=None):
     device = choose_device(args.device, local_rank)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    checkpoint, output_dir = settle_args(args, argv or [], world_size)
+    # Settled in one place: a resumed or evaluated run's saved settings applied, then checked once.
+    checkpoint, output_dir = run_files.open_run(args, explicit_flags(argv or []), HERE, world_size)
+    check_args(args)
     if args.evaluate:
-        ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
-        return evaluate_checkpoint(args, checkpoint, output_dir, ctx)
+        return evaluate_checkpoint(args, checkpoint, output_dir, device)
     mean, std, resize_size = preprocessing_of(args)
     ctx = make_context(device, args.amp, mean, std, rank, world_size)
 
@@ -1027,21 +845,19 @@ def main(args, argv=None):
     train_model = wrap_model(model, args, ctx)
     bad_images = BadImageLog(args.skip_bad_images)
 
+    # ---- the run folder
     start_epoch = checkpoint["epoch"] if checkpoint else 0
     history = list(checkpoint["history"]) if checkpoint else []
     best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
     if ctx.is_main:
         run_files.make_output_dir(output_dir)
-        run_files.write_split(
-            output_dir, {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
-        )
+        splits = {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
+        run_files.write_split(output_dir, splits)
+        run_files.write_args(output_dir, args, ctx, workers)
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
         if train_loader.drop_last:  # decided once, by build_dataloaders
-            print(
-                "note: the last training batch of each epoch would be a single image, which BatchNorm cannot train on; "
-                "it is dropped"
-            )
-        run_files.write_args(output_dir, args, ctx, workers)
+            print("note: the last training batch of each epoch would be a single image, which BatchNorm cannot "
+                  "train on; it is dropped")  # fmt: skip
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)
@@ -1050,7 +866,7 @@ def main(args, argv=None):
                 run_files.draw_batch(output_dir, images, labels, class_names)
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
-    epoch = start_epoch
+    training_state, bad_image = (optimizer, scheduler, scaler), None
     with StopRequest() as stop:
         try:
             for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -1063,37 +879,19 @@ def main(args, argv=None):
                 )
                 if stop.signum is not None:
                     break
-                if not math.isfinite(train_stats["train_loss"]):
-                    raise UsageError(
-                        f"training loss became {train_stats['train_loss']} in epoch {epoch}; lower --lr "
-                        "(last.pt keeps the previous epoch)"
-                    )
                 val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images)
-                history.append(
-                    dict(
-                        epoch=epoch,
-                        train_loss=train_stats["train_loss"],
-                        train_acc=train_stats["train_acc"],
-                        val_loss=val_stats["val_loss"],
-                        val_acc=val_stats["val_acc"],
-                        lr=optimizer.param_groups[0]["lr"],
-                        seconds=time.perf_counter() - started,
-                        val_macro_f1=val_stats["val_macro_f1"],
-                    )
-                )
-                score = {
-                    "acc": val_stats["val_acc"],
-                    "macro_f1": val_stats["val_macro_f1"],
-                    "loss": -val_stats["val_loss"],
-                }[args.best_metric]
+                history.append({
+                    "epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
+                    "val_loss": val_stats["val_loss"], "val_acc": val_stats["val_acc"],
+                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
+                    "val_macro_f1": val_stats["val_macro_f1"],
+                })  # fmt: skip
+                score = -val_stats["val_loss"] if args.best_metric == "loss" else val_stats[f"val_{args.best_metric}"]
                 improved = best["score"] is None or score > best["score"]
-                if improved:
+                if improved:  # best.pt before last.pt: a crash in between repeats this epoch, best.pt included
                     best = {"score": score, "epoch": epoch, "val_acc": val_stats["val_acc"]}
-                    # before last.pt: a crash in between repeats this epoch, best.pt included
                     save_on_main(ctx, output_dir / "best.pt", model, epoch, best, history, run)
-                save_on_main(
-                    ctx, output_dir / "last.pt", model, epoch, best, history, run, optimizer, scheduler, scaler
-                )
+                save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state)
                 if ctx.is_main:
                     run_files.write_metrics(output_dir, history)
                     run_files.draw_results(output_dir, history)
@@ -1102,28 +900,22 @@ def main(args, argv=None):
                     if ctx.is_main:
                         print(f"no better {args.best_metric} for {args.patience} epochs: stopping early")
                     break
-            if stop.signum is not None:
-                # The weights reached so far (--resume restarts this epoch), saved while the handlers still
-                # catch a second signal, so it cannot break the save.
-                save_on_main(
-                    ctx, output_dir / "last.pt", model, epoch - 1, best, history, run, optimizer, scheduler, scaler
-                )
-                if ctx.is_main:
-                    launcher = (
-                        f"torchrun --nproc_per_node={ctx.world_size} train.py"
-                        if ctx.world_size > 1
-                        else "python train.py"
-                    )
-                    launcher = f"python train.py --nproc {args.nproc}" if args.nproc else launcher
-                    command = f"{launcher} --output-dir {output_dir} --resume"
-                    print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
-                return 128 + stop.signum
         except BadImageError as e:
-            save_on_main(
-                ctx, output_dir / "last.pt", model, epoch - 1, best, history, run, optimizer, scheduler, scaler
+            bad_image = e
+        if stop.signum is not None or bad_image is not None:
+            # The weights reached so far, as of the last completed epoch (one history row each): --resume
+            # restarts the interrupted one. Saved while the handlers still catch a second signal.
+            save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state)
+    if bad_image is not None:
+        saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
+        raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})")
+    if stop.signum is not None:
+        if ctx.is_main:
+            print(
+                f"saved {output_dir / 'last.pt'}; continue with: {resume_command(args, ctx, output_dir)}",
+                file=sys.stderr,
             )
-            saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
-            raise DataError(f"{e}; fix or remove it, or pass --skip-bad-images ({saved})") from None
+        return 128 + stop.signum
 
     # ---- the best model's report on the validation images, and on the test images once
     if best["epoch"]:
@@ -1132,21 +924,15 @@ def main(args, argv=None):
         best_path = output_dir / "best.pt"
         model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
         val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images, keep=32)
-        test_stats = None
         if test_data is not None:
-            test_stats = evaluate(
-                model, evaluation_loader(test_data, args.batch_size, ctx, workers), ctx, len(class_names), bad_images
-            )
+            test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers)
+            test_stats = evaluate(model, test_loader, ctx, len(class_names), bad_images)
         if ctx.is_main:
             print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {best_path}")
             run_files.write_report(output_dir, val_stats, class_names, f"validation report of {best_path}")
-            run_files.draw_confusion_matrix(output_dir, val_stats["confusion"], class_names)
             run_files.draw_predictions(output_dir, *val_stats["examples"], class_names)
-            if test_stats is not None:
-                run_files.draw_confusion_matrix(output_dir, test_stats["confusion"], class_names, prefix="test_")
-                run_files.write_report(
-                    output_dir, test_stats, class_names, f"test report of {best_path}", prefix="test_"
-                )
+            if test_data is not None:
+                run_files.write_report(output_dir, test_stats, class_names, f"test report of {best_path}", "test_")
     return 0
 
 
@@ -1160,11 +946,8 @@ def run_cli(argv=None):
         if nproc > 1:
             check_args(argparse.Namespace(**vars(args)))  # a flag mistake shows once, not once per process
             if args.nproc is None:
-                print(
-                    f"{nproc} GPUs: training on all of them (--device cuda:0 for one), global batch "
-                    f"{args.batch_size * args.accum_steps * nproc}",
-                    flush=True,
-                )
+                global_batch = args.batch_size * args.accum_steps * nproc
+                print(f"{nproc} GPUs: training on all of them (--device cuda:0 for one), global batch {global_batch}")
             return launch_processes(nproc, argv)
         return main(args, argv)
     except (UsageError, DataError) as e:
@@ -1179,18 +962,15 @@ def run_cli(argv=None):
         print("\ninterrupted", file=sys.stderr)
         return 130
     except torch.OutOfMemoryError:
-        print(
-            f"error: out of device memory at --batch-size {args.batch_size}; lower --batch-size or --image-size",
-            file=sys.stderr,
-        )
+        message = f"out of device memory at --batch-size {args.batch_size}; lower --batch-size or --image-size"
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except RuntimeError:
         if not dist.is_initialized():
             raise
         # Under torchrun, a process that stopped (bad input, a signal) breaks the others' collectives.
-        print(
-            f"error: process {dist.get_rank()} stopped because another one failed; see its error above", file=sys.stderr
-        )
+        message = f"process {dist.get_rank()} stopped because another one failed; see its error above"
+        print(f"error: {message}", file=sys.stderr)
         return 1
     finally:
         if dist.is_initialized():

@@ -17,7 +17,7 @@ its model and optimizer across rounds, as a real run does), then one epoch of ea
 (no model). Epochs include DataLoader worker start-up, which both sides pay every epoch on the CPU. The
 medians over the rounds are reported.
 
-A, "original": a copy of the tutorial's main() (/work/shared/seed): torchvision.transforms v1
+A, "original": a copy of the tutorial's main() (the seed document in shared/seed/): torchvision.transforms v1
 RandomResizedCrop + flip + ToTensor + Normalize on PIL images decoded from disk every epoch,
 nw = min(cpu_count, batch_size, 8) workers, resnet34 with its fc replaced, fp32, Adam 1e-4,
 optimizer.zero_grad() and `running_loss += loss.item()` every step. Left out: the random 70/30 split (both

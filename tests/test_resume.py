@@ -115,9 +115,9 @@ def test_every_file_written_loads_with_weights_only(train_tiny):
         assert isinstance(torch.load(run_dir / name, weights_only=True), dict)
 
 
-def start_training(tiny_data, run_dir, *extra):
+def training_command(tiny_data, run_dir, *extra):
     csv_path, root = tiny_data
-    command = [
+    return [
         sys.executable,
         str(REPO / "tests" / "train_without_pictures.py"),
         "--csv",
@@ -129,6 +129,10 @@ def start_training(tiny_data, run_dir, *extra):
         *FAST,
         *extra,
     ]
+
+
+def start_training(tiny_data, run_dir, *extra):
+    command = training_command(tiny_data, run_dir, *extra)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
 
 
@@ -163,8 +167,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
     resuming each time: last.pt always loads, and the result equals an uninterrupted run."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     epochs = "4"
-    finish = subprocess.run(start_training(tiny_data, straight, "--epochs", epochs).args, capture_output=True)
-    assert finish.returncode == 0, finish.stderr
+    assert run_train(*training_command(tiny_data, straight, "--epochs", epochs)[2:]) == 0
     rng = random.Random(0)
     kills = 0
     for _ in range(3):
@@ -178,7 +181,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
         torch.load(killed / "last.pt", weights_only=True)  # must always load
         torch.load(killed / "best.pt", weights_only=True)
     assert kills >= 2
-    finish = subprocess.run(start_training(tiny_data, killed, "--epochs", epochs, "--resume").args, capture_output=True)
+    finish = subprocess.run(training_command(tiny_data, killed, "--epochs", epochs, "--resume"), capture_output=True)
     assert finish.returncode == 0, finish.stderr
     assert_same_weights(weights(straight / "last.pt"), weights(killed / "last.pt"))
     assert metric_rows(straight) == metric_rows(killed)

@@ -5,7 +5,7 @@ import torch
 from conftest import FAST, read_rows, run_train, write_csv
 
 import train
-from dataset import load_image, read_labels, sorted_class_names
+from dataset import ImageSet, load_image, read_labels, sorted_class_names, split_samples
 
 
 def test_run_writes_checkpoints_metrics_and_split(train_tiny):
@@ -77,21 +77,21 @@ def test_split_csv_lists_every_image_once_as_train_or_val(train_tiny, tiny_data)
 
 
 def test_same_seed_gives_same_disjoint_split_and_other_seed_another(tiny_data):
-    samples = read_labels(tiny_data[0])
-    train_a, val_a, _ = train.split_samples(samples, 0.3, seed=0, method="random")
-    train_b, val_b, _ = train.split_samples(samples, 0.3, seed=0, method="random")
-    _, val_c, _ = train.split_samples(samples, 0.3, seed=1, method="random")
-    assert list(val_a["image"]) == list(val_b["image"])
-    assert not set(train_a["image"]) & set(val_a["image"])
-    assert len(train_a) + len(val_a) == len(samples)
-    assert set(val_a["image"]) != set(val_c["image"])
+    images = ImageSet(read_labels(tiny_data[0]), tiny_data[1], "labels.csv")
+    train_a, val_a, _ = split_samples(images, 0.3, seed=0, method="random")
+    _, val_b, _ = split_samples(images, 0.3, seed=0, method="random")
+    _, val_c, _ = split_samples(images, 0.3, seed=1, method="random")
+    assert list(val_a.samples["image"]) == list(val_b.samples["image"])
+    assert not set(train_a.samples["image"]) & set(val_a.samples["image"])
+    assert len(train_a.samples) + len(val_a.samples) == len(images.samples)
+    assert set(val_a.samples["image"]) != set(val_c.samples["image"])
 
 
 def test_stratified_split_keeps_each_class_share(tiny_data):
-    samples = read_labels(tiny_data[0])
-    _, val, method = train.split_samples(samples, 0.25, seed=0, method="auto")
+    images = ImageSet(read_labels(tiny_data[0]), tiny_data[1], "labels.csv")
+    _, val, method = split_samples(images, 0.25, seed=0, method="auto")
     assert method == "stratified"
-    assert val["label"].value_counts().to_dict() == {"cat": 2, "dog": 2, "fox": 2}
+    assert val.samples["label"].value_counts().to_dict() == {"cat": 2, "dog": 2, "fox": 2}
 
 
 def test_validation_images_are_not_augmented_but_training_images_are(tiny_data):
