@@ -593,7 +593,7 @@ def _confusion_figure(confusion, labels, what):
     rotate = longest > 2
     label_room = 0.2 + (0.65 if rotate else 0.12) * longest * tick_size / 72  # inches the names take
     side = min(12.0, max(3.5, 0.3 * n + 1.0))  # inches per matrix: ~0.3 in per cell up to 36 classes
-    figure = Figure(figsize=(2 * (side + label_room) + 1.6, side + label_room + 1.0), layout="compressed")
+    figure = Figure(figsize=(2 * (side + label_room) + 2.2, side + label_room + 1.0), layout="compressed")
     panels = [
         (counts, "counts", max(int(counts.max(initial=0)), 1), lambda v: f"{v:d}"),
         (shares, "share of each true class (rows sum to 1)", 1.0, lambda v: f"{v:.2f}"),
