@@ -256,8 +256,8 @@ def launch_processes(nproc, argv):
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))  # share the cores, not oversubscribe
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"train-{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)  # fmt: skip
+    rendezvous = dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0", run_id=f"train-{os.getpid()}")
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, max_restarts=0, **rendezvous)
     try:
         elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
     except ChildFailedError as e:
@@ -856,8 +856,7 @@ def main(args, argv=None):
         run_files.write_args(output_dir, args, ctx, workers)
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
         if train_loader.drop_last:  # decided once, by build_dataloaders
-            print("note: the last training batch of each epoch would be a single image, which BatchNorm cannot "
-                  "train on; it is dropped")  # fmt: skip
+            print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)

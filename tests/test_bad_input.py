@@ -388,7 +388,8 @@ def test_last_training_batch_of_one_image_trains(accept, tiny_data, tmp_path):
     # cannot normalise in training mode: the loader must not hand it such a batch (or the loop skip it).
     _, root = tiny_data
     csv_path = write_csv(tmp_path / "labels.csv", FEW)
-    accept(csv_path, root, "--model", "resnet18", "--batch-size", "3")
+    _, captured = accept(csv_path, root, "--model", "resnet18", "--batch-size", "3")
+    assert "last training batch, a single image, is dropped" in captured.out  # said at startup
 
 
 # -------------------------------------------------------------------------------------- image modes to RGB
