@@ -122,6 +122,29 @@ def test_nproc_ctrl_c_stops_both_processes_and_saves_a_loadable_last_pt(data, tm
 
 
 @pytest.mark.parametrize(
+    "exit_codes, status",
+    [
+        ({0: -15, 1: 2}, 2),  # the failing process's own status, though the launcher stopped the other first
+        ({0: 1, 1: -9}, 137),  # killed (the OOM killer), the other one's collective broke
+        ({0: -15, 1: 1}, 1),  # a crash; the launcher's SIGTERM to the other says nothing
+    ],
+)
+def test_nproc_exits_with_the_status_that_says_what_went_wrong(monkeypatch, exit_codes, status):
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+    from torch.distributed.launcher import api
+
+    def launch(config, entrypoint):
+        def run(*args):
+            failures = {rank: ProcessFailure(rank, 1000 + rank, code, "<N/A>") for rank, code in exit_codes.items()}
+            raise ChildFailedError("train.py", failures)
+
+        return run
+
+    monkeypatch.setattr(api, "elastic_launch", launch)
+    assert train.launch_processes(2, []) == status
+
+
+@pytest.mark.parametrize(
     "device, gpus, expected", [("auto", 4, 4), ("cuda", 2, 2), ("cuda:0", 4, 1), ("cpu", 4, 1), ("auto", 1, 1)]
 )
 def test_every_visible_gpu_is_used_by_default(monkeypatch, device, gpus, expected):
