@@ -167,6 +167,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
     resuming each time: last.pt always loads, and the result equals an uninterrupted run."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     epochs = "4"
+    # The uninterrupted run in this process: the same flags, without the interpreter and script ([2:]).
     assert run_train(*training_command(tiny_data, straight, "--epochs", epochs)[2:]) == 0
     rng = random.Random(0)
     kills = 0
