@@ -347,9 +347,8 @@ def load_samples(args):
     CSV or folder, validation is --val-split of the images, seeded (see dataset.split_samples).
     """
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
-    everything, val_set, test_set, class_names = labelled_image_sets(
-        *sources, args.image_col, args.label_col, skip_bad=args.skip_bad_images
-    )
+    columns = (args.image_col, args.label_col)
+    everything, val_set, test_set, class_names = labelled_image_sets(*sources, *columns, skip_bad=args.skip_bad_images)
     if val_set is not None:
         return everything, val_set, test_set, class_names, "val folder" if args.data else "separate CSV"
     train_set, val_set, split_method = split_samples(everything, args.val_split, args.seed, args.split)
@@ -785,7 +784,8 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
-        val_set = read_image_sets(None, args.val_csv, val_root, image_col=args.image_col, label_col=args.label_col)[0]
+        columns = dict(image_col=args.image_col, label_col=args.label_col)
+        val_set = read_image_sets(csv=args.val_csv, root=val_root, **columns)[0]
         check_labels(val_set, class_names)
         val_set = checked(val_set, args.skip_bad_images)
     else:
