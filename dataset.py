@@ -276,10 +276,11 @@ def read_image_sets(
     )
 
 
-def labelled_image_sets(*sources, skip_bad=False):
-    """(all, val, test, class_names): the ImageSets read_image_sets(*sources) reads, every image checked (see
-    `checked`), the classes those of `all`. Refuses a single class, val/test labels that are not classes, and
-    a --val-csv whose images are all --csv images."""
+def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False):
+    """(train, val, test, class_names, split_method): the ImageSets read_image_sets(*sources) reads, every image
+    checked (see `checked`), the classes those of the training images. Without a validation CSV or folder,
+    validation is `val_split` of the images (see split_samples). Refuses a single class, val/test labels that
+    are not classes, and a --val-csv whose images are all --csv images."""
     everything, val_set, test_set = read_image_sets(*sources)
     class_names = sorted_class_names(everything.samples["label"])
     if len(class_names) < 2:
@@ -289,9 +290,18 @@ def labelled_image_sets(*sources, skip_bad=False):
             check_labels(part, class_names)
     parts = (everything, val_set, test_set)
     everything, val_set, test_set = (checked(part, skip_bad) if part is not None else None for part in parts)
-    if val_set is not None:  # after the check, which refuses paths outside their root
-        check_val_images_are_not_training_images(everything, val_set)
-    return everything, val_set, test_set, class_names
+    if val_set is None:
+        train_set, val_set, method = split_samples(everything, val_split, seed, method)
+        return train_set, val_set, test_set, class_names, method
+    check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
+    return everything, val_set, test_set, class_names, "val folder" if sources[0] else "separate CSV"
+
+
+def evaluation_image_set(csv, root, class_names, image_col=None, label_col=None, skip_bad=False):
+    """A CSV's labelled images to evaluate a trained model on: its labels among `class_names`, every image checked."""
+    image_set = read_image_sets(csv=csv, root=root, image_col=image_col, label_col=label_col)[0]
+    check_labels(image_set, class_names)
+    return checked(image_set, skip_bad)
 
 
 def split_samples(image_set, val_split, seed, method):

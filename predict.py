@@ -168,7 +168,7 @@ def main(args):
         datasets.append(data)
         start += len(data)
     items = pd.concat([samples for samples, _ in groups], ignore_index=True)
-    workers = train.default_workers(device) if args.workers is None else args.workers
+    workers = train.loader_workers(args.workers, device)
     loader = DataLoader(
         ConcatDataset(datasets),
         args.batch_size,

@@ -43,13 +43,10 @@ from dataset import (
     DataError,
     MyDataset,
     cache_fits,
-    check_labels,
-    checked,
     collate_skipping_bad,
     cpu_cores,
+    evaluation_image_set,
     labelled_image_sets,
-    read_image_sets,
-    split_samples,
     where,
 )
 from run_files import UsageError, one_line, save_checkpoint
@@ -200,11 +197,11 @@ def check_args(args):
 
 @dataclass(frozen=True)
 class Context:
-    """Where and how the steps run: fixed for the whole run."""
+    """Where and how the steps run, fixed for the whole run (see make_context)."""
 
     device: torch.device
     amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
-    channels_last: bool
+    channels_last: bool  # measured faster for convnets on CPU (fp32 and bf16) and CUDA; MPS gains nothing
     mean: torch.Tensor  # (1, 3, 1, 1) on the device: batches are normalised there
     std: torch.Tensor
     rank: int = 0
@@ -216,24 +213,9 @@ class Context:
 
 
 def make_context(device, amp, mean, std, rank=0, world_size=1):
-    return Context(
-        device=device,
-        amp_dtype=choose_amp(amp, device),
-        # Measured faster for convnets on CPU (fp32 and bf16) and CUDA; MPS gains nothing from it.
-        channels_last=device.type in ("cpu", "cuda"),
-        mean=torch.tensor(mean, device=device).view(1, 3, 1, 1),
-        std=torch.tensor(std, device=device).view(1, 3, 1, 1),
-        rank=rank,
-        world_size=world_size,
-    )
-
-
-def setup_distributed():
-    """(rank, local_rank, world_size) from torchrun's environment; (0, None, 1) without torchrun."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1:
-        return 0, None, 1
-    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world_size
+    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
+    channels_last = device.type in ("cpu", "cuda")
+    return Context(device, choose_amp(amp, device), channels_last, mean, std, rank, world_size)
 
 
 def processes_to_launch(args):
@@ -272,7 +254,8 @@ def launch_processes(nproc, argv):
     return 0
 
 
-def choose_device(name, local_rank=None):
+def choose_device(name):
+    """The device --device names; under torchrun, a process's own GPU is the one of its LOCAL_RANK."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     try:
@@ -282,7 +265,7 @@ def choose_device(name, local_rank=None):
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        index = local_rank if local_rank is not None and device.index is None else (device.index or 0)
+        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
         if index >= torch.cuda.device_count():
             raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
         device = torch.device("cuda", index)
@@ -305,7 +288,10 @@ def choose_amp(requested, device):
     return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else None
 
 
-def default_workers(device, world_size=1):
+def loader_workers(requested, device, world_size=1):
+    """--workers when given, else a default fitted to the device and the cores."""
+    if requested is not None:
+        return requested
     if device.type == "cpu":
         # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
         # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
@@ -316,7 +302,7 @@ def default_workers(device, world_size=1):
 # ================================================================================================== data
 
 
-def build_transforms(image_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, resize_size=None):
+def build_transforms(image_size, resize_size=None):
     """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors.
 
     Normalisation to float happens on the device (see `to_device`), so batches cross to it as uint8.
@@ -341,30 +327,23 @@ def preprocessing_of(args):
 
 
 def load_samples(args):
-    """The train, val and test ImageSets (test None), the classes, and how val was chosen.
-
-    Every image is checked before training starts (see dataset.labelled_image_sets); without a validation
-    CSV or folder, validation is --val-split of the images, seeded (see dataset.split_samples).
-    """
+    """(train, val, test, class_names, split_method): every image checked before training starts; without a
+    validation CSV or folder, validation is --val-split of the images, seeded (see dataset.labelled_image_sets)."""
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
     columns = (args.image_col, args.label_col)
-    everything, val_set, test_set, class_names = labelled_image_sets(*sources, *columns, skip_bad=args.skip_bad_images)
-    if val_set is not None:
-        return everything, val_set, test_set, class_names, "val folder" if args.data else "separate CSV"
-    train_set, val_set, split_method = split_samples(everything, args.val_split, args.seed, args.split)
-    return train_set, val_set, test_set, class_names, split_method
+    return labelled_image_sets(
+        *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images
+    )
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size, transforms):
     """MyDatasets for each part (test None without a test set), and whether they are cached in RAM. Images are
     decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
-    short_sides = {"train": 2 * args.image_size, "val": resize_size}
-    train_data, val_data, test_data = (
-        MyDataset(part.samples, part.root, class_names, transforms[kind], short_side=short_sides[kind])
-        if part is not None
-        else None
-        for part, kind in ((train_set, "train"), (val_set, "val"), (test_set, "val"))
+    train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size)
+    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size)
+    test_data = (
+        MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], resize_size) if test_set else None
     )
     use_cache = args.cache == "on" or (args.cache == "auto" and cache_fits([train_data, val_data]))
     if use_cache:
@@ -434,14 +413,17 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         raise UsageError(f"--model {model_name}: not a torchvision classification model; {hint}")
     # Auxiliary heads (googlenet, inception_v3) only matter for their own training recipe.
     kwargs = {"aux_logits": False} if model_name in ("googlenet", "inception_v3") else {}
-    if weights is None:
-        model = torchvision.models.get_model(model_name, **kwargs)
-    elif is_weights_file(weights):
-        model = torchvision.models.get_model(model_name, **kwargs)
-        run_files.load_weights_file(model, weights, _head(model)[0], model_name)
+    from_file = weights is not None and is_weights_file(weights)
+    pretrained = torchvision_weights(model_name, weights) if weights is not None and not from_file else None
+    model = torchvision.models.get_model(model_name, weights=pretrained, **kwargs)
+    # The head: the last layer, a Linear or squeezenet's 1x1 convolution (so in all 80 torchvision models).
+    head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    if from_file:
+        run_files.load_weights_file(model, weights, head_name, model_name)
+    if isinstance(head, nn.Linear):
+        model.set_submodule(head_name, nn.Linear(head.in_features, num_classes))
     else:
-        model = torchvision.models.get_model(model_name, weights=torchvision_weights(model_name, weights), **kwargs)
-    head_name = replace_head(model, num_classes)
+        model.set_submodule(head_name, nn.Conv2d(head.in_channels, num_classes, kernel_size=1))
     if freeze_backbone:
         for name, parameter in model.named_parameters():
             parameter.requires_grad = name.startswith(head_name + ".")
@@ -487,23 +469,6 @@ def torchvision_weights(model_name, weights):
         hint = "download it elsewhere and pass the .pth file"
         raise UsageError(f"--weights {weights}: could not download {weight.url} ({one_line(e)}); {hint}") from None
     return weight
-
-
-def _head(model):
-    """The final classification layer: the last Linear, or squeezenet's 1x1 convolution."""
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)][-1]
-
-
-def replace_head(model, num_classes):
-    name, old = _head(model)
-    if isinstance(old, nn.Linear):
-        new = nn.Linear(old.in_features, num_classes)
-    else:
-        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=1)
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, new)
-    return name
 
 
 def wrap_model(model, args, ctx):
@@ -769,14 +734,6 @@ def save_on_main(ctx, *args, **kwargs):
         save_checkpoint(*args, **kwargs)
 
 
-def resume_command(args, ctx, output_dir):
-    if args.nproc:
-        launcher = f"python train.py --nproc {args.nproc}"
-    else:
-        launcher = f"torchrun --nproc_per_node={ctx.world_size} train.py" if ctx.world_size > 1 else "python train.py"
-    return f"{launcher} --output-dir {output_dir} --resume"
-
-
 def evaluate_checkpoint(args, checkpoint, output_dir, device):
     """--evaluate: the report for a saved checkpoint, with its own classes and preprocessing, on --val-csv when
     given, else on the validation part of the run's own split."""
@@ -784,17 +741,14 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
-        columns = dict(image_col=args.image_col, label_col=args.label_col)
-        val_set = read_image_sets(csv=args.val_csv, root=val_root, **columns)[0]
-        check_labels(val_set, class_names)
-        val_set = checked(val_set, args.skip_bad_images)
+        columns = (args.image_col, args.label_col, args.skip_bad_images)
+        val_set = evaluation_image_set(args.val_csv, val_root, class_names, *columns)
     else:
         val_set = load_samples(args)[1]
     transforms = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], checkpoint["resize_size"])
-    workers = default_workers(ctx.device) if args.workers is None else args.workers
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
-    loader = evaluation_loader(val_data, args.batch_size, ctx, workers)
+    loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
     stats = evaluate(model, loader, ctx, len(class_names), BadImageLog(args.skip_bad_images))
     run_files.make_output_dir(output_dir)
     run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {val_set.source}")
@@ -803,8 +757,8 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
 
 def main(args, argv=None):
     # ---- device and settings
-    rank, local_rank, world_size = setup_distributed()
-    device = choose_device(args.device, local_rank)
+    rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
+    device = choose_device(args.device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # Settled in one place: a resumed or evaluated run's saved settings applied, then checked once.
@@ -819,15 +773,13 @@ def main(args, argv=None):
     train_set, val_set, test_set, class_names, split_method = load_samples(args)
     digest = run_files.split_digest(train_set.samples, val_set.samples)
     if checkpoint is not None and checkpoint.get("split_digest") != digest:
-        raise UsageError(
-            f"--resume: {args.data or args.csv} no longer gives the split this run trained on; start a new run"
-        )
+        raise UsageError(f"--resume: {args.data or args.csv} no longer gives this run's split; start a new run")
     run = run_files.RunInfo(run_files.plain_args(args), class_names, mean, std, resize_size, digest)
-    transforms = build_transforms(args.image_size, mean, std, resize_size)
+    transforms = build_transforms(args.image_size, resize_size)
     train_data, val_data, test_data, cached = build_datasets(
         args, train_set, val_set, test_set, class_names, resize_size, transforms
     )
-    workers = default_workers(device, world_size) if args.workers is None else args.workers
+    workers = loader_workers(args.workers, device, world_size)
     train_loader, val_loader = build_dataloaders(args, train_data, val_data, ctx, workers)
 
     # ---- model, optimizer
@@ -909,11 +861,11 @@ def main(args, argv=None):
         saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
         raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})")
     if stop.signum is not None:
+        torchrun = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+        launcher = f"python train.py --nproc {args.nproc}" if args.nproc else torchrun
         if ctx.is_main:
-            print(
-                f"saved {output_dir / 'last.pt'}; continue with: {resume_command(args, ctx, output_dir)}",
-                file=sys.stderr,
-            )
+            command = f"{launcher} --output-dir {output_dir} --resume"
+            print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
         return 128 + stop.signum
 
     # ---- the best model's report on the validation images, and on the test images once

@@ -267,14 +267,14 @@ class Ours:
         mean, std, resize_size = train.preprocessing_of(args)
         self.ctx = train.make_context(device, args.amp, mean, std)
         amp, channels_last = self.ctx.amp_dtype, self.ctx.channels_last
-        transforms = train.build_transforms(args.image_size, mean, std, resize_size)
+        transforms = train.build_transforms(args.image_size, resize_size)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
             train_data, val_data, _, cached = train.build_datasets(
                 args, everything, val_set, None, class_names, resize_size, transforms
             )
         self.setup_seconds = time.perf_counter() - started
-        workers = train.default_workers(device) if args.workers is None else args.workers
+        workers = train.loader_workers(args.workers, device)
         self.loader, _ = train.build_dataloaders(args, train_data, val_data, self.ctx, workers)
         model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
