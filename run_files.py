@@ -5,6 +5,8 @@ train.py, predict.py and export.py all go through this module, so a checkpoint i
 `kill -9` or a full disk at any moment leaves the previous version of a file intact.
 """
 
+import argparse
+import copy
 import hashlib
 import os
 import re
@@ -266,6 +268,14 @@ def restore_training_state(checkpoint, model, optimizer, scheduler, scaler):
 
 def plain_args(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def typed_flags(parser, argv):
+    """The flags typed in `argv`, as opposed to those left at their defaults."""
+    parser = copy.deepcopy(parser)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def apply_saved_args(args, saved_args, typed, may_differ):

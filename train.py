@@ -6,10 +6,10 @@
     python train.py --data flowers/ --nproc 4            # 4 processes (GPUs), as torchrun would start them
 
 A cleaned-up version of the classic ResNet training script: MyDataset from a CSV or class folders,
-RandomResizedCrop/flip for training and Resize/CenterCrop for validation, a seeded split, resnet34 with its
-head replaced, Adam at 1e-4, and a train/validate loop that keeps the best checkpoint. The stages read top to
-bottom: arguments, device, data, model, optimizer, one epoch and evaluation, main. What a run writes and
-reads back (checkpoints, reports, pictures) is in run_files.py.
+RandomResizedCrop/flip for training and Resize/CenterCrop for validation, a seeded split, resnet34 with its head
+replaced, Adam at 1e-4, and a train/validate loop that keeps the best checkpoint. The stages read top to bottom:
+arguments, device, data, model, optimizer, one epoch and evaluation, main. What a run writes and reads back
+(checkpoints, reports, pictures) is in run_files.py.
 """
 
 import argparse
@@ -36,19 +36,9 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRan
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import dataset
 import run_files
-from dataset import (
-    BadImageError,
-    BadImageLog,
-    DataError,
-    MyDataset,
-    cache_fits,
-    collate_skipping_bad,
-    cpu_cores,
-    evaluation_image_set,
-    labelled_image_sets,
-    where,
-)
+from dataset import BadImageError, BadImageLog, DataError, MyDataset
 from run_files import UsageError, one_line, save_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -169,14 +159,6 @@ def get_args_parser():
     return parser
 
 
-def explicit_flags(argv):
-    """The flags the user actually typed (not their defaults)."""
-    parser = get_args_parser()
-    for action in parser._actions:
-        action.default = argparse.SUPPRESS
-    return set(vars(parser.parse_args(argv)))
-
-
 def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
@@ -237,7 +219,7 @@ def launch_processes(nproc, argv):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cpu_cores() // nproc)))  # share the cores, not oversubscribe
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dataset.cpu_cores() // nproc)))  # share, not oversubscribe
     rendezvous = dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0", run_id=f"train-{os.getpid()}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, max_restarts=0, **rendezvous)
     try:
@@ -296,17 +278,15 @@ def loader_workers(requested, device, world_size=1):
         # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
         # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
         return 0
-    return min(8, max(1, cpu_cores() // world_size))
+    return min(8, max(1, dataset.cpu_cores() // world_size))
 
 
 # ================================================================================================== data
 
 
 def build_transforms(image_size, resize_size=None):
-    """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors.
-
-    Normalisation to float happens on the device (see `to_device`), so batches cross to it as uint8.
-    """
+    """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors: normalisation to
+    float happens on the device (see `to_device`), so batches cross to it as uint8."""
     resize_size = resize_size or int(image_size * 256 / 224)
     train = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     val = v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
@@ -331,25 +311,25 @@ def load_samples(args):
     validation CSV or folder, validation is --val-split of the images, seeded (see dataset.labelled_image_sets)."""
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
     columns = (args.image_col, args.label_col)
-    return labelled_image_sets(
+    return dataset.labelled_image_sets(
         *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images
     )
 
 
-def build_datasets(args, train_set, val_set, test_set, class_names, resize_size, transforms):
-    """MyDatasets for each part (test None without a test set), and whether they are cached in RAM. Images are
+def build_datasets(args, train_set, val_set, test_set, class_names, resize_size):
+    """MyDatasets for each part (test None without a test set), cached in RAM per --cache. Images are
     decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
+    transforms = build_transforms(args.image_size, resize_size)
     train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size)
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size)
     test_data = (
         MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], resize_size) if test_set else None
     )
-    use_cache = args.cache == "on" or (args.cache == "auto" and cache_fits([train_data, val_data]))
-    if use_cache:
+    if args.cache == "on" or (args.cache == "auto" and dataset.cache_fits([train_data, val_data])):
         train_data.fill_cache()
         val_data.fill_cache()
-    return train_data, val_data, test_data, use_cache
+    return train_data, val_data, test_data
 
 
 def _ignore_signals_in_worker(worker_id):
@@ -361,7 +341,7 @@ def _ignore_signals_in_worker(worker_id):
 def loader_options(workers, device):
     return dict(
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=dataset.collate_skipping_bad,
         pin_memory=device.type == "cuda",
         # Persistent workers keep their random state across epochs, which a resumed run cannot restore;
         # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume.
@@ -395,9 +375,9 @@ def build_dataloaders(args, train_data, val_data, ctx, workers):
     return train_loader, evaluation_loader(val_data, args.batch_size, ctx, workers)
 
 
-def evaluation_loader(dataset, batch_size, ctx, workers):
+def evaluation_loader(data, batch_size, ctx, workers):
     # Every image is evaluated exactly once, on exactly one rank (no padding duplicates).
-    shard = Subset(dataset, range(ctx.rank, len(dataset), ctx.world_size)) if ctx.world_size > 1 else dataset
+    shard = Subset(data, range(ctx.rank, len(data), ctx.world_size)) if ctx.world_size > 1 else data
     return DataLoader(shard, 2 * batch_size, **loader_options(workers, ctx.device))
 
 
@@ -518,9 +498,8 @@ def build_scheduler(optimizer, args, steps_per_epoch):
 def build_loss(args, train_targets, num_classes, device):
     weight = None
     if args.class_weights == "balanced":
-        counts = np.bincount(train_targets, minlength=num_classes)
-        weight = torch.tensor(len(train_targets) / (num_classes * np.maximum(counts, 1)), dtype=torch.float32)
-        weight = weight.to(device)
+        counts = np.maximum(np.bincount(train_targets, minlength=num_classes), 1)
+        weight = torch.tensor(len(train_targets) / (num_classes * counts), dtype=torch.float32, device=device)
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=args.label_smoothing)
 
 
@@ -551,6 +530,18 @@ class StopRequest:
             print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt", file=sys.stderr)
         self.signum = signum
 
+    def agreed(self, step, ctx):
+        """Whether every process has been asked to stop. Under torchrun, ranks agree every 8 steps."""
+        if ctx.world_size == 1:
+            return self.signum is not None
+        if step % 8 != 7:
+            return False
+        flag = torch.tensor([0 if self.signum is None else self.signum], device=ctx.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and self.signum is None:
+            self.signum = int(flag.item())
+        return bool(flag.item())
+
 
 def to_device(images, ctx):
     """uint8 NCHW batch to a normalised float batch on the context's device."""
@@ -560,20 +551,13 @@ def to_device(images, ctx):
     return images.float().div_(255).sub_(ctx.mean).div_(ctx.std)
 
 
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def seed_epoch(seed, epoch, ctx, train_loader):
-    """Derive every random number of an epoch (shuffle, augmentation, dropout) from (seed, epoch, rank).
-
-    A resumed run then continues exactly as the uninterrupted one would, with no generator state to save,
-    under torchrun too.
-    """
+    """Derive every random number of an epoch (shuffle, augmentation, dropout) from (seed, epoch, rank), so a
+    resumed run continues exactly as the uninterrupted one would, with no generator state to save."""
     epoch_seed = int(np.random.SeedSequence([seed, epoch, ctx.rank]).generate_state(1)[0])
-    seed_everything(epoch_seed)
+    random.seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    torch.manual_seed(epoch_seed)
     train_loader.generator.manual_seed(epoch_seed)
     if isinstance(train_loader.sampler, DistributedSampler):
         train_loader.sampler.set_epoch(epoch)
@@ -591,7 +575,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     for step, (images, labels, bad) in enumerate(bar):
         bad_images.handle(bad)
         if images is None and ctx.world_size > 1:  # DDP needs every process in every step
-            first = where(bad[0].line, bad[0].image)
+            first = dataset.where(bad[0].line, bad[0].image)
             raise BadImageError(f"every image of a batch failed to decode, the first: {first}")
         # Gradients of a group of batches add up; each loss is divided by the group's size so that the sum
         # is the mean over the group, as one big batch. The last group of the epoch may be smaller.
@@ -620,7 +604,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
         if ctx.is_main and time.perf_counter() - last_refresh > 1.0 and seen:
             last_refresh = time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (last_refresh - start):.1f}")
-        if stop_agreed(stop, step, ctx):
+        if stop.agreed(step, ctx):
             break
     bar.close()
     optimizer.zero_grad(set_to_none=True)  # a stop inside a group leaves partial gradients
@@ -632,19 +616,6 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
 
 
-def stop_agreed(stop, step, ctx):
-    """Whether every process has been asked to stop. Under torchrun, ranks agree every 8 steps."""
-    if ctx.world_size == 1:
-        return stop.signum is not None
-    if step % 8 != 7:
-        return False
-    flag = torch.tensor([0 if stop.signum is None else stop.signum], device=ctx.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and stop.signum is None:
-        stop.signum = int(flag.item())
-    return bool(flag.item())
-
-
 def all_reduce(tensor, ctx):
     if ctx.world_size > 1:
         dist.all_reduce(tensor)
@@ -653,11 +624,9 @@ def all_reduce(tensor, ctx):
 
 @torch.inference_mode()
 def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
-    """Loss, confusion matrix (rows: true class, columns: predicted) and top-k hits over every image.
-
-    The loss is plain cross-entropy, without class weights or smoothing, so it compares across settings.
-    With `keep`, also the `keep` images most worth looking at (this process's, as uint8) and their predictions.
-    """
+    """Loss (plain cross-entropy, comparable across settings), confusion matrix (rows: true class, columns:
+    predicted) and top-k hits over every image; with `keep`, also this process's `keep` images most worth
+    looking at (uint8) and their predictions."""
     examples = run_files.NO_EXAMPLES
     model.eval()
     ks = [k for k in (2, 5) if k < num_classes]
@@ -698,7 +667,8 @@ def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
 # ================================================================================================== main
 
 
-def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir):
+def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, train_loader, output_dir):
+    workers, cached = train_loader.num_workers, train_loader.dataset.cache is not None
     precision = "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch.") + " autocast"
     processes = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
     print(
@@ -717,6 +687,8 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
     batch += f" (global {global_batch})" * (global_batch > args.batch_size)
     weights = f" from {args.weights}" if args.weights else ""
     print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {args.epochs} epochs -> {output_dir}")
+    if train_loader.drop_last:  # decided once, by build_dataloaders
+        print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
 
 
 def print_epoch(row, epochs, improved, skipped):
@@ -742,7 +714,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
         columns = (args.image_col, args.label_col, args.skip_bad_images)
-        val_set = evaluation_image_set(args.val_csv, val_root, class_names, *columns)
+        val_set = dataset.evaluation_image_set(args.val_csv, val_root, class_names, *columns)
     else:
         val_set = load_samples(args)[1]
     transforms = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])
@@ -762,7 +734,8 @@ def main(args, argv=None):
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     # Settled in one place: a resumed or evaluated run's saved settings applied, then checked once.
-    checkpoint, output_dir = run_files.open_run(args, explicit_flags(argv or []), HERE, world_size)
+    typed = run_files.typed_flags(get_args_parser(), argv or [])
+    checkpoint, output_dir = run_files.open_run(args, typed, HERE, world_size)
     check_args(args)
     if args.evaluate:
         return evaluate_checkpoint(args, checkpoint, output_dir, device)
@@ -775,15 +748,12 @@ def main(args, argv=None):
     if checkpoint is not None and checkpoint.get("split_digest") != digest:
         raise UsageError(f"--resume: {args.data or args.csv} no longer gives this run's split; start a new run")
     run = run_files.RunInfo(run_files.plain_args(args), class_names, mean, std, resize_size, digest)
-    transforms = build_transforms(args.image_size, resize_size)
-    train_data, val_data, test_data, cached = build_datasets(
-        args, train_set, val_set, test_set, class_names, resize_size, transforms
-    )
+    train_data, val_data, test_data = build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
     workers = loader_workers(args.workers, device, world_size)
     train_loader, val_loader = build_dataloaders(args, train_data, val_data, ctx, workers)
 
     # ---- model, optimizer
-    seed_everything(args.seed)
+    torch.manual_seed(args.seed)  # the model's initial weights; each epoch is seeded by seed_epoch
     torch.backends.cudnn.benchmark = device.type == "cuda"  # input sizes are fixed: pick the fastest kernels once
     model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
     check_input_size(model, args.model, args.image_size)
@@ -806,9 +776,7 @@ def main(args, argv=None):
         splits = {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
         run_files.write_split(output_dir, splits)
         run_files.write_args(output_dir, args, ctx, workers)
-        print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, workers, cached, output_dir)
-        if train_loader.drop_last:  # decided once, by build_dataloaders
-            print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
+        print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, train_loader, output_dir)
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)

@@ -34,7 +34,6 @@ import csv
 import io
 import os
 import platform
-import signal
 import statistics
 import subprocess
 import sys
@@ -223,16 +222,14 @@ class Original:
 
 
 class StopAfterSteps:
-    """Stands in for train.StopRequest to end an epoch early (warmup): train_one_epoch reads `signum` once per
-    step in a single process, and stops when it is not None."""
+    """Stands in for train.StopRequest to end an epoch early (warmup) in a single process."""
 
     def __init__(self, steps):
         self.left = steps
 
-    @property
-    def signum(self):
+    def agreed(self, step, ctx):
         self.left -= 1
-        return None if self.left > 0 else signal.SIGINT
+        return self.left <= 0
 
 
 class Ours:
@@ -263,16 +260,14 @@ class Ours:
         val_set = everything._replace(samples=everything.samples.head(1))
 
         # train.main()'s stages, in its order.
-        train.seed_everything(args.seed)
+        torch.manual_seed(args.seed)
         mean, std, resize_size = train.preprocessing_of(args)
         self.ctx = train.make_context(device, args.amp, mean, std)
         amp, channels_last = self.ctx.amp_dtype, self.ctx.channels_last
-        transforms = train.build_transforms(args.image_size, resize_size)
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
-            train_data, val_data, _, cached = train.build_datasets(
-                args, everything, val_set, None, class_names, resize_size, transforms
-            )
+            train_data, val_data, _ = train.build_datasets(args, everything, val_set, None, class_names, resize_size)
+        cached = train_data.cache is not None
         self.setup_seconds = time.perf_counter() - started
         workers = train.loader_workers(args.workers, device)
         self.loader, _ = train.build_dataloaders(args, train_data, val_data, self.ctx, workers)

@@ -186,10 +186,6 @@ def test_the_last_smaller_batch_trains(train_tiny, capsys):
 # ------------------------------------------------------------------------------------ gradient accumulation
 
 
-class NoStop:
-    signum = None
-
-
 def steps_of(batch_size, accum_steps, images, labels):
     """Weights after one epoch of train_one_epoch on a per-sample model (no BatchNorm) with plain SGD."""
     torch.manual_seed(0)
@@ -202,7 +198,17 @@ def steps_of(batch_size, accum_steps, images, labels):
     args = train.get_args_parser().parse_args(["--accum-steps", str(accum_steps), "--epochs", "1"])
     loss_fn = torch.nn.CrossEntropyLoss()
     train.train_one_epoch(
-        model, loss_fn, optimizer, scheduler, scaler, loader, ctx, args, 1, train.BadImageLog(False), NoStop()
+        model,
+        loss_fn,
+        optimizer,
+        scheduler,
+        scaler,
+        loader,
+        ctx,
+        args,
+        1,
+        train.BadImageLog(False),
+        train.StopRequest(),
     )
     return torch.cat([p.detach().flatten() for p in model.parameters()]), scheduler.last_epoch
 

@@ -103,9 +103,7 @@ def test_balanced_sampler_draws_classes_about_equally(tiny_data, tmp_path):
     skewed = write_csv(tmp_path / "skewed.csv", rows)
     args = options("--csv", skewed, "--root", root, *FAST, "--balanced-sampler", "--cache", "off", "--val-split", "0.2")
     train_set, val_set, _, class_names, _ = train.load_samples(args)
-    train_data, val_data, _, _ = train.build_datasets(
-        args, train_set, val_set, None, class_names, 36, train.build_transforms(32)
-    )
+    train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
     ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
     loader, _ = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)
     drawn = [int(loader.dataset.targets[i]) for _ in range(50) for i in loader.sampler]
