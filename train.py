@@ -391,8 +391,8 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         close = difflib.get_close_matches(model_name, known, n=3)
         hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
         raise UsageError(f"--model {model_name}: not a torchvision classification model; {hint}")
-    # Auxiliary heads (googlenet, inception_v3) only matter for their own training recipe.
-    kwargs = {"aux_logits": False} if model_name in ("googlenet", "inception_v3") else {}
+    # Auxiliary heads serve only googlenet's and inception_v3's own recipes; init_weights=True: their default, unwarned
+    kwargs = {"aux_logits": False, "init_weights": True} if model_name in ("googlenet", "inception_v3") else {}
     from_file = weights is not None and is_weights_file(weights)
     pretrained = torchvision_weights(model_name, weights) if weights is not None and not from_file else None
     model = torchvision.models.get_model(model_name, weights=pretrained, **kwargs)
