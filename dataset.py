@@ -294,7 +294,8 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
         train_set, val_set, method = split_samples(everything, val_split, seed, method)
         return train_set, val_set, test_set, class_names, method
     check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
-    return everything, val_set, test_set, class_names, "val folder" if sources[0] else "separate CSV"
+    given_by = "val folder" if sources[0] else "separate CSV"  # sources[0] is --data
+    return everything, val_set, test_set, class_names, given_by
 
 
 def evaluation_image_set(csv, root, class_names, image_col=None, label_col=None, skip_bad=False):

@@ -6,10 +6,10 @@
     python train.py --data flowers/ --nproc 4            # 4 processes (GPUs), as torchrun would start them
 
 A cleaned-up version of the classic ResNet training script: MyDataset from a CSV or class folders,
-RandomResizedCrop/flip for training and Resize/CenterCrop for validation, a seeded split, resnet34 with its head
-replaced, Adam at 1e-4, and a train/validate loop that keeps the best checkpoint. The stages read top to bottom:
-arguments, device, data, model, optimizer, one epoch and evaluation, main. What a run writes and reads back
-(checkpoints, reports, pictures) is in run_files.py.
+RandomResizedCrop/flip for training and Resize/CenterCrop for validation, a seeded split, resnet34 with its
+head replaced, Adam at 1e-4, and a train/validate loop that keeps the best checkpoint. The stages read top to
+bottom: arguments, device, data, model, optimizer, one epoch and evaluation, main. What a run writes and
+reads back (checkpoints, reports, pictures) is in run_files.py.
 """
 
 import argparse
@@ -396,7 +396,7 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
     from_file = weights is not None and is_weights_file(weights)
     pretrained = torchvision_weights(model_name, weights) if weights is not None and not from_file else None
     model = torchvision.models.get_model(model_name, weights=pretrained, **kwargs)
-    # The head: the last layer, a Linear or squeezenet's 1x1 convolution (so in all 80 torchvision models).
+    # The head is the last Linear or Conv2d in every torchvision model (squeezenet's is a 1x1 convolution).
     head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     if from_file:
         run_files.load_weights_file(model, weights, head_name, model_name)

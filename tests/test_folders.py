@@ -197,18 +197,9 @@ def steps_of(batch_size, accum_steps, images, labels):
     ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
     args = train.get_args_parser().parse_args(["--accum-steps", str(accum_steps), "--epochs", "1"])
     loss_fn = torch.nn.CrossEntropyLoss()
+    never_stopped = train.StopRequest()  # not entered: no signal handlers
     train.train_one_epoch(
-        model,
-        loss_fn,
-        optimizer,
-        scheduler,
-        scaler,
-        loader,
-        ctx,
-        args,
-        1,
-        train.BadImageLog(False),
-        train.StopRequest(),
+        model, loss_fn, optimizer, scheduler, scaler, loader, ctx, args, 1, train.BadImageLog(False), never_stopped
     )
     return torch.cat([p.detach().flatten() for p in model.parameters()]), scheduler.last_epoch
 
