@@ -9,6 +9,7 @@ probability column per class, named by the class (prefixed 'p_' if a class name 
 The same rows without the probability columns are printed to stdout; messages go to stderr. For a CSV that
 also has a 'label' column, the accuracy on it is reported. Preprocessing is the checkpoint's validation
 transform, so predicting a run's validation images reproduces its validation accuracy (given the same --amp).
+Inference is fp32 unless --amp asks otherwise, so best.pt and best.onnx give the same confidences.
 """
 
 import argparse
@@ -43,7 +44,7 @@ def get_args_parser():
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default: %(default)s)")
     parser.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
     parser.add_argument(
-        "--amp", choices=["auto", "bf16", "fp16", "off"], default="auto", help="mixed precision, as in train.py"
+        "--amp", choices=["auto", "bf16", "fp16", "off"], default="off", help="mixed precision (default: exact fp32)"
     )
     parser.add_argument("--image-col", default="image", help="column of image paths in CSV inputs")
     parser.add_argument("--root", default=None, help="folder CSV image paths are relative to (default: the CSV's)")

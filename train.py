@@ -37,6 +37,8 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import dataset
+import metrics
+import plots
 import run_files
 from dataset import BadImageError, BadImageLog, DataError, MyDataset
 from run_files import UsageError, one_line, save_checkpoint
@@ -139,7 +141,8 @@ def get_args_parser():
     optim("--label-smoothing", type=SMOOTHING, default=0.0, help="label smoothing for the cross-entropy loss")
     optim("--class-weights", choices=["none", "balanced"], default="none",
           help="balanced = weight the loss by inverse class frequency")
-    optim("--best-metric", choices=["acc", "macro_f1", "loss"], default="acc", help="what best.pt is best at")
+    optim("--best-metric", choices=["acc", "macro_f1", "auc", "loss"], default="acc",
+          help="what best.pt is best at (auc: macro one-vs-rest ROC AUC)")
     optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
     run = parser.add_argument_group("run").add_argument
@@ -192,6 +195,11 @@ class Context:
     @property
     def is_main(self):
         return self.rank == 0
+
+    @property
+    def show_bars(self):
+        """Progress bars on rank 0's terminal only: in a log file every refresh would be written into it."""
+        return self.is_main and sys.stderr.isatty()
 
 
 def make_context(device, amp, mean, std, rank=0, world_size=1):
@@ -296,7 +304,7 @@ def build_transforms(image_size, resize_size=None):
 def preprocessing_of(args):
     """(mean, std, validation resize): the pretrained weights' own when they define them, else ImageNet's."""
     mean, std, resize_size = IMAGENET_MEAN, IMAGENET_STD, int(args.image_size * 256 / 224)
-    if args.weights and not is_weights_file(args.weights):
+    if args.weights and not run_files.is_weights_file(args.weights):
         try:
             preset = torchvision.models.get_model_weights(args.model)[args.weights.split(".")[-1]].transforms()
             mean, std = tuple(preset.mean), tuple(preset.std)
@@ -393,8 +401,8 @@ def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
         raise UsageError(f"--model {model_name}: not a torchvision classification model; {hint}")
     # Auxiliary heads serve only googlenet's and inception_v3's own recipes; init_weights=True: their default, unwarned
     kwargs = {"aux_logits": False, "init_weights": True} if model_name in ("googlenet", "inception_v3") else {}
-    from_file = weights is not None and is_weights_file(weights)
-    pretrained = torchvision_weights(model_name, weights) if weights is not None and not from_file else None
+    from_file = weights is not None and run_files.is_weights_file(weights)
+    pretrained = run_files.torchvision_weights(model_name, weights) if weights is not None and not from_file else None
     model = torchvision.models.get_model(model_name, weights=pretrained, **kwargs)
     # The head is the last Linear or Conv2d in every torchvision model (squeezenet's is a 1x1 convolution).
     head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
@@ -421,11 +429,6 @@ def model_from_checkpoint(checkpoint, source, ctx):
     return model.eval()
 
 
-def is_weights_file(weights):
-    """A --weights value is a local file (rather than a torchvision weights name such as DEFAULT)."""
-    return weights.endswith((".pth", ".pt", ".bin")) or "/" in weights or os.sep in weights or os.path.isfile(weights)
-
-
 def check_input_size(model, model_name, image_size):
     """Fail now, not after the first batch, when --image-size is too small for the architecture."""
     try:
@@ -434,21 +437,6 @@ def check_input_size(model, model_name, image_size):
     except RuntimeError as e:
         reason = one_line(e)[:100]
         raise UsageError(f"--image-size {image_size} does not fit {model_name} ({reason}); use a larger size") from None
-
-
-def torchvision_weights(model_name, weights):
-    enum = torchvision.models.get_model_weights(model_name)
-    name = weights.split(".")[-1]
-    if name not in enum.__members__:
-        choices = ", ".join(enum.__members__)
-        raise UsageError(f"--weights {weights}: {model_name} has no such weights; choose from {choices} or a .pth file")
-    weight = enum[name]
-    try:
-        weight.get_state_dict(progress=False, check_hash=True)  # downloaded once, then read from torch's cache
-    except Exception as e:
-        hint = "download it elsewhere and pass the .pth file"
-        raise UsageError(f"--weights {weights}: could not download {weight.url} ({one_line(e)}); {hint}") from None
-    return weight
 
 
 def wrap_model(model, args, ctx):
@@ -570,7 +558,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device, dtype=torch.long)
     seen, start, last_refresh = 0, time.perf_counter(), time.perf_counter()
-    bar = tqdm(train_loader, f"epoch {epoch}/{args.epochs}", leave=False, disable=not ctx.is_main, dynamic_ncols=True)
+    bar = tqdm(train_loader, f"epoch {epoch}/{args.epochs}", leave=False, disable=not ctx.show_bars, dynamic_ncols=True)
     batches, group_has_gradients = len(train_loader), False
     for step, (images, labels, bad) in enumerate(bar):
         bad_images.handle(bad)
@@ -601,67 +589,62 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             group_has_gradients = False
-        if ctx.is_main and time.perf_counter() - last_refresh > 1.0 and seen:
-            last_refresh = time.perf_counter()
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", img_s=f"{seen / (last_refresh - start):.1f}")
+        if ctx.is_main and time.perf_counter() - last_refresh > (1 if ctx.show_bars else 60) and seen:
+            last_refresh = time.perf_counter()  # without a terminal: a plain line a minute instead of a bar
+            loss_now, rate = f"{loss_sum.item() / seen:.3f}", f"{seen / (last_refresh - start):.1f}"
+            if ctx.show_bars:
+                bar.set_postfix(loss=loss_now, img_s=rate)
+            else:
+                print(f"epoch {epoch}/{args.epochs} step {step + 1}/{batches}: loss {loss_now}, {rate} img/s")
         if stop.agreed(step, ctx):
             break
     bar.close()
     optimizer.zero_grad(set_to_none=True)  # a stop inside a group leaves partial gradients
-    count = torch.tensor(float(seen), device=ctx.device)
-    loss_total, correct_total, count = all_reduce(torch.stack([loss_sum.float(), correct.float(), count]), ctx).tolist()
+    totals = torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=ctx.device)])
+    if ctx.world_size > 1:
+        dist.all_reduce(totals)
+    loss_total, correct_total, count = totals.tolist()
     if not math.isfinite(loss_total):
         message = f"training loss became {loss_total} in epoch {epoch}; lower --lr (last.pt keeps the previous epoch)"
         raise UsageError(message)
     return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
 
 
-def all_reduce(tensor, ctx):
-    if ctx.world_size > 1:
-        dist.all_reduce(tensor)
-    return tensor
-
-
 @torch.inference_mode()
-def evaluate(model, loader, ctx, num_classes, bad_images, keep=0):
-    """Loss (plain cross-entropy, comparable across settings), confusion matrix (rows: true class, columns:
-    predicted) and top-k hits over every image; with `keep`, also this process's `keep` images most worth
-    looking at (uint8) and their predictions."""
-    examples = run_files.NO_EXAMPLES
+def evaluate(model, loader, ctx, bad_images):
+    """Every image's log-probabilities (metrics.Predictions), gathered from all processes in dataset order;
+    images that fail to decode (with --skip-bad-images) are left out."""
     model.eval()
-    ks = [k for k in (2, 5) if k < num_classes]
-    loss_sum = torch.zeros((), device=ctx.device)
-    confusion = torch.zeros(num_classes * num_classes, device=ctx.device, dtype=torch.long)
-    topk_hits = torch.zeros(len(ks), device=ctx.device, dtype=torch.long)
-    for images, labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx.is_main):
+    if ctx.world_size > 1:  # BatchNorm statistics differ between processes: all evaluate rank 0's, the saved ones
+        for buffer in model.buffers():
+            dist.broadcast(buffer, 0)
+    shard = loader.dataset  # a Subset of the dataset under DDP (see evaluation_loader)
+    data, positions = (shard.dataset, shard.indices) if isinstance(shard, Subset) else (shard, range(len(shard)))
+    indices, labels, log_probabilities, seen = [], [], [], 0
+    for images, batch_labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx.show_bars):
         bad_images.handle(bad)
+        batch_positions = positions[seen : seen + len(bad) + (0 if images is None else len(images))]
+        seen, skipped = seen + len(batch_positions), {b.image for b in bad}
         if images is None:
             continue
-        images_uint8 = images
-        images, labels = to_device(images, ctx), labels.to(ctx.device, non_blocking=True)
+        indices += [i for i in batch_positions if data.images[i] not in skipped]
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            logits = model(images).float()
-        loss_sum += nn.functional.cross_entropy(logits, labels, reduction="sum")
-        confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
-        for i, k in enumerate(ks):
-            topk_hits[i] += (logits.topk(k).indices == labels[:, None]).any(1).sum()
-        if keep:
-            confidence, predicted = logits.softmax(1).max(1)
-            batch = (images_uint8, labels.cpu(), predicted.cpu(), confidence.float().cpu())
-            examples = run_files.keep_examples(examples, batch, keep)
-    loss_sum = all_reduce(loss_sum, ctx)
-    confusion = all_reduce(confusion, ctx).view(num_classes, num_classes).cpu()
-    topk_hits = all_reduce(topk_hits, ctx).cpu()
-    count = int(confusion.sum())
-    return {
-        "val_loss": loss_sum.item() / max(count, 1),
-        "val_acc": confusion.trace().item() / max(count, 1),
-        "val_macro_f1": run_files.macro_f1(confusion),
-        "confusion": confusion,
-        "topk_acc": {k: hits / max(count, 1) for k, hits in zip(ks, topk_hits.tolist())},
-        "count": count,
-        "examples": examples,
-    }
+            logits = model(to_device(images, ctx)).float()
+        log_probabilities.append(logits.log_softmax(1))
+        labels.append(batch_labels)
+    # One float64 row per image, (index, label, log-probabilities...), exact for any index or label
+    columns = 2 + len(data.class_names)
+    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels)[:, None], torch.cat(log_probabilities).cpu()],
+                     1).double() if labels else torch.zeros(0, columns, dtype=torch.float64)  # fmt: skip
+    if ctx.world_size > 1:  # each process pads its rows to the longest shard's count (index -1), then all gather
+        padded = torch.full((math.ceil(len(data) / ctx.world_size), columns), -1.0, dtype=torch.float64)
+        padded[: len(rows)] = rows
+        gathered = [torch.empty_like(padded, device=ctx.device) for _ in range(ctx.world_size)]
+        dist.all_gather(gathered, padded.to(ctx.device))
+        rows = torch.cat(gathered).cpu()
+        rows = rows[rows[:, 0] >= 0]
+    rows = rows[rows[:, 0].argsort()]
+    return metrics.Predictions(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:].float())
 
 
 # ================================================================================================== main
@@ -686,7 +669,8 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
     batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1)
     batch += f" (global {global_batch})" * (global_batch > args.batch_size)
     weights = f" from {args.weights}" if args.weights else ""
-    print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {args.epochs} epochs -> {output_dir}")
+    epochs = f"{args.epochs} epoch" + "s" * (args.epochs != 1)
+    print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {epochs} -> {output_dir}")
     if train_loader.drop_last:  # decided once, by build_dataloaders
         print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
 
@@ -721,9 +705,9 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], checkpoint["resize_size"])
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
     loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
-    stats = evaluate(model, loader, ctx, len(class_names), BadImageLog(args.skip_bad_images))
+    predictions = evaluate(model, loader, ctx, BadImageLog(args.skip_bad_images))
     run_files.make_output_dir(output_dir)
-    run_files.write_report(output_dir, stats, class_names, f"evaluation of {args.evaluate} on {val_set.source}")
+    run_files.write_report(output_dir, predictions, val_data, f"evaluation of {args.evaluate} on {val_set.source}")
     return 0
 
 
@@ -782,10 +766,10 @@ def main(args, argv=None):
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)
             images, labels, _ = next(iter(train_loader))
             if images is not None:
-                run_files.draw_batch(output_dir, images, labels, class_names)
+                plots.draw_batch(output_dir, images, labels, class_names)
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
-    training_state, bad_image = (optimizer, scheduler, scaler), None
+    training_state, bad_image, best_predictions = (optimizer, scheduler, scaler), None, None
     with StopRequest() as stop:
         try:
             for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -798,22 +782,23 @@ def main(args, argv=None):
                 )
                 if stop.signum is not None:
                     break
-                val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images)
+                predictions = evaluate(model, val_loader, ctx, bad_images)
+                val_scores = metrics.epoch_scores(predictions)  # val_loss, val_acc, val_macro_f1, val_auc
                 history.append({
                     "epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
-                    "val_loss": val_stats["val_loss"], "val_acc": val_stats["val_acc"],
-                    "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
-                    "val_macro_f1": val_stats["val_macro_f1"],
+                    **val_scores, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 })  # fmt: skip
-                score = -val_stats["val_loss"] if args.best_metric == "loss" else val_stats[f"val_{args.best_metric}"]
+                score = -val_scores["val_loss"] if args.best_metric == "loss" else val_scores[f"val_{args.best_metric}"]
+                score = -math.inf if math.isnan(score) else score  # no AUC: no class with positives and negatives
                 improved = best["score"] is None or score > best["score"]
                 if improved:  # best.pt before last.pt: a crash in between repeats this epoch, best.pt included
-                    best = {"score": score, "epoch": epoch, "val_acc": val_stats["val_acc"]}
+                    best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"]}
+                    best_predictions = predictions  # the final report's: no second pass over the images
                     save_on_main(ctx, output_dir / "best.pt", model, epoch, best, history, run)
                 save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state)
                 if ctx.is_main:
                     run_files.write_metrics(output_dir, history)
-                    run_files.draw_results(output_dir, history)
+                    plots.draw_results(output_dir, history)
                     print_epoch(history[-1], args.epochs, improved, bad_images.count)
                 if args.patience and epoch - best["epoch"] >= args.patience:
                     if ctx.is_main:
@@ -827,7 +812,7 @@ def main(args, argv=None):
             save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state)
     if bad_image is not None:
         saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
-        raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})")
+        raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image
     if stop.signum is not None:
         torchrun = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
         launcher = f"python train.py --nproc {args.nproc}" if args.nproc else torchrun
@@ -836,22 +821,23 @@ def main(args, argv=None):
             print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
         return 128 + stop.signum
 
-    # ---- the best model's report on the validation images, and on the test images once
+    # ---- the best model's report on the validation images (from its epoch), and on the test images once
     if best["epoch"]:
-        if ctx.world_size > 1:
-            dist.barrier()  # rank 0 has finished writing best.pt
         best_path = output_dir / "best.pt"
-        model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
-        val_stats = evaluate(model, val_loader, ctx, len(class_names), bad_images, keep=32)
+        if best_predictions is None or test_data is not None:  # a resumed run's best came before the resume
+            if ctx.world_size > 1:
+                dist.barrier()  # rank 0 has finished writing best.pt
+            model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
+        if best_predictions is None:
+            best_predictions = evaluate(model, val_loader, ctx, bad_images)
         if test_data is not None:
             test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers)
-            test_stats = evaluate(model, test_loader, ctx, len(class_names), bad_images)
+            test_predictions = evaluate(model, test_loader, ctx, bad_images)
         if ctx.is_main:
             print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {best_path}")
-            run_files.write_report(output_dir, val_stats, class_names, f"validation report of {best_path}")
-            run_files.draw_predictions(output_dir, *val_stats["examples"], class_names)
+            run_files.write_report(output_dir, best_predictions, val_data, f"validation report of {best_path}")
             if test_data is not None:
-                run_files.write_report(output_dir, test_stats, class_names, f"test report of {best_path}", "test_")
+                run_files.write_report(output_dir, test_predictions, test_data, f"test report of {best_path}", "test_")
     return 0
 
 
@@ -859,6 +845,7 @@ def run_cli(argv=None):
     """Parse the command line and run; user mistakes become one `error:` line and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
     args = None
+    sys.stdout.reconfigure(line_buffering=True)  # a log file (nohup, a cluster job) gets each line as it is said
     try:
         args = get_args_parser().parse_args(argv)
         nproc = processes_to_launch(args)
@@ -870,7 +857,9 @@ def run_cli(argv=None):
             return launch_processes(nproc, argv)
         return main(args, argv)
     except (UsageError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        # A setup mistake is the same in every torchrun process: rank 0 says it; a bad image is in one's shard.
+        if os.environ.get("RANK", "0") == "0" or isinstance(e.__cause__, BadImageError):
+            print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
             # Exit at once, before the other processes notice that this one is gone: the launcher then sees
             # this status first, not theirs (a clean shutdown here races with them being stopped).

@@ -12,7 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import run_files  # noqa: E402
+import plots  # noqa: E402
 import train  # noqa: E402
 
 # Tiny models at 32 px spend more time dividing work between threads than computing; one thread is faster.
@@ -89,5 +89,6 @@ def pytest_configure(config):
 def no_pictures(request, monkeypatch):
     """Drawing costs about a second per run, more than a tiny test epoch: only tests marked `pictures` draw."""
     if "pictures" not in request.keywords:
-        for name in ("draw_results", "draw_confusion_matrix", "draw_predictions", "draw_batch"):
-            monkeypatch.setattr(run_files, name, lambda *args, **kwargs: True)
+        for name in ("draw_results", "draw_confusion_matrix", "draw_roc", "draw_calibration", "draw_predictions",
+                     "draw_batch"):  # fmt: skip
+            monkeypatch.setattr(plots, name, lambda *args, **kwargs: True)

@@ -490,6 +490,14 @@ def test_unknown_flag_is_named(fail, tiny_data):
     assert "--epoch-count" in line
 
 
+def test_under_torchrun_a_flag_mistake_is_said_by_rank_0_only(tiny_data, capsys, monkeypatch):
+    csv_path, root = tiny_data
+    for rank, says in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        assert run_train("--csv", csv_path, "--root", root, "--epochs", "0") == 2
+        assert ("error: --epochs" in capsys.readouterr().err) is says
+
+
 def test_non_numeric_flag_value_is_named(fail, tiny_data):
     csv_path, root = tiny_data
     line = fail("--csv", csv_path, "--root", root, "--epochs", "three")

@@ -68,7 +68,19 @@ def test_two_processes_train_one_model_and_count_every_validation_image_once(tor
 
     assert run_train("--evaluate", run_dir / "best.pt", "--output-dir", tmp_path / "single") == 0
     single = {row["label"]: row for row in read_rows(tmp_path / "single" / "report.csv")}
-    assert single["accuracy"]["f1"] == report["accuracy"]["f1"]
+    assert single["accuracy"]["value"] == report["accuracy"]["value"]
+
+
+def test_predictions_gathered_from_two_processes_equal_one_process_row_for_row(torchrun_run, tmp_path):
+    _, run_dir = torchrun_run
+    assert run_train("--evaluate", run_dir / "best.pt", "--output-dir", tmp_path / "single") == 0
+    gathered = read_rows(run_dir / "val_predictions.csv")
+    single = read_rows(tmp_path / "single" / "val_predictions.csv")
+    val_images = [row["image"] for row in read_rows(run_dir / "split.csv") if row["split"] == "val"]
+    assert [row["image"] for row in gathered] == val_images  # each image once, in dataset order
+    for a, b in zip(gathered, single, strict=True):
+        assert a.keys() == b.keys() and a["image"] == b["image"] and a["predicted"] == b["predicted"]
+        assert all(abs(float(a[k]) - float(b[k])) < 1e-5 for k in a if k.startswith("p_"))
 
 
 def run_nproc(*argv, **kwargs):

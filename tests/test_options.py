@@ -25,8 +25,29 @@ def test_training_ends_with_a_report_and_confusion_matrix(train_tiny, capsys):
     assert "confusion matrix" in capsys.readouterr().out
 
 
-def test_evaluate_reproduces_the_end_of_training_report(train_tiny, tmp_path):
+def test_a_run_writes_every_validation_image_s_probabilities(train_tiny, capsys):
     status, run_dir = train_tiny("--epochs", "1")
+    assert status == 0
+    rows = read_rows(run_dir / "val_predictions.csv")
+    val_images = [row["image"] for row in read_rows(run_dir / "split.csv") if row["split"] == "val"]
+    assert [row["image"] for row in rows] == val_images
+    assert list(rows[0]) == ["image", "label", "predicted", "confidence", "p_cat", "p_dog", "p_fox"]
+    for row in rows:
+        probabilities = {name: float(row[f"p_{name}"]) for name in ("cat", "dog", "fox")}
+        assert math.isclose(sum(probabilities.values()), 1.0, abs_tol=1e-4)
+        assert row["predicted"] == max(probabilities, key=probabilities.get)
+        assert float(row["confidence"]) == max(probabilities.values())
+    report = {row["label"]: row for row in read_rows(run_dir / "report.csv")}
+    correct = sum(row["label"] == row["predicted"] for row in rows)
+    assert float(report["accuracy"]["value"]) == pytest.approx(correct / len(rows), abs=1e-6)
+    assert {"specificity", "auc", "ci_low", "ci_high"} <= report["cat"].keys() and report["macro auc"]["value"]
+    out = capsys.readouterr().out
+    assert "(95% CI " in out and "macro AUC" in out and "specificity" in out
+    assert "1 epoch ->" in out
+
+
+def test_evaluate_reproduces_the_end_of_training_report(train_tiny, tmp_path):
+    status, run_dir = train_tiny("--epochs", "1", "--amp", "off")  # --evaluate is fp32 unless told otherwise
     assert status == 0
     assert run_train("--evaluate", run_dir / "best.pt", "--output-dir", tmp_path / "again") == 0
     assert (run_dir / "report.csv").read_text() == (tmp_path / "again" / "report.csv").read_text()
@@ -53,6 +74,9 @@ def test_evaluate_handles_classes_absent_from_the_data(train_tiny, tiny_data, tm
     report = {row["label"]: row for row in read_rows(tmp_path / "cats" / "report.csv")}
     assert report["dog"]["support"] == "0" and float(report["dog"]["recall"]) == 0.0
     assert report["macro avg"]["support"] == "4"
+    # only cats: no class has both positive and negative images, so no AUC; cat has no specificity either
+    assert report["cat"]["auc"] == report["dog"]["auc"] == report["macro auc"]["value"] == ""
+    assert report["cat"]["specificity"] == ""
 
 
 def test_evaluate_refuses_labels_the_checkpoint_does_not_know(train_tiny, tiny_data, tmp_path, capsys):
@@ -74,6 +98,14 @@ def test_best_metric_loss_keeps_the_epoch_with_the_lowest_validation_loss(train_
     assert status == 0
     rows = read_rows(run_dir / "metrics.csv")
     best_epoch = min(rows, key=lambda row: float(row["val_loss"]))["epoch"]
+    assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == int(best_epoch)
+
+
+def test_best_metric_auc_keeps_the_epoch_with_the_highest_macro_auc(train_tiny):
+    status, run_dir = train_tiny("--epochs", "3", "--best-metric", "auc", "--lr", "3e-3")
+    assert status == 0
+    rows = read_rows(run_dir / "metrics.csv")
+    best_epoch = max(rows, key=lambda row: float(row["val_auc"]))["epoch"]  # the first of equals, as training
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == int(best_epoch)
 
 

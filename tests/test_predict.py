@@ -59,7 +59,8 @@ def test_validation_rows_reproduce_the_runs_validation_accuracy_and_loss(train_t
     )
     out = tmp_path / "pred.csv"
     argv = [run_dir / "best.pt", val_csv, "--root", tiny_data[1], "--out", out, "--workers", "0", "--device", "cpu"]
-    assert run_predict(*argv, "--batch-size", "16") == 0  # train.py validates in batches of 2 x 8
+    # train.py validates in batches of 2 x 8, and in its own precision (--amp auto; predict's default is fp32)
+    assert run_predict(*argv, "--batch-size", "16", "--amp", "auto") == 0
 
     truth = {r["image"]: r["label"] for r in val_rows}
     rows = read_rows(out)
