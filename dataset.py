@@ -27,14 +27,20 @@ from tqdm import tqdm
 BACKGROUND_RGB = (255, 255, 255)
 # Labels that are really a missing value left behind by a spreadsheet or by pandas.
 MISSING_LABELS = {"", "nan", "na", "n/a", "null"}
+# Column names that usually mean "these images come from one person or object": a --group-col hint.
+GROUP_LIKE_COLUMNS = {
+    "patient", "patient_id", "patientid", "subject", "subject_id", "case", "case_id", "study", "study_id",
+    "participant", "participant_id", "person", "person_id", "individual", "animal", "specimen", "nodule",
+}  # fmt: skip
 
 
 class DataError(Exception):
     """Bad input data. The message is meant for the user, as one line."""
 
 
-def read_labels(csv_path, image_col=None, label_col=None):
-    """Read a CSV of image paths and labels into a DataFrame with columns image, label and line.
+def read_labels(csv_path, image_col=None, label_col=None, group_col=None, group_optional=False):
+    """Read a CSV of image paths and labels into a DataFrame with columns image, label and line, and group
+    with `group_col` (the column of patient or subject ids; with `group_optional`, only where the CSV has it).
 
     `line` is the line number in the file (the header is line 1), so errors and reports can point at it.
     Without explicit column names, `image` and `label` are used, or the only two columns in order.
@@ -43,6 +49,10 @@ def read_labels(csv_path, image_col=None, label_col=None):
     header, rows = read_csv_rows(csv_path)
     image_col, label_col = _pick_columns(csv_path, header, image_col, label_col)
     image_at, label_at = header.index(image_col), header.index(label_col)
+    if group_col is not None and group_col not in header and not group_optional:
+        found = ", ".join(repr(name) for name in header)
+        raise DataError(f"{csv_path}: no column {group_col!r} (columns found: {found}); check --group-col")
+    group_at = header.index(group_col) if group_col in header else None
     records = []
     for line, fields in rows:
         image, label = fields[image_at].strip(), fields[label_at].strip()
@@ -52,9 +62,35 @@ def read_labels(csv_path, image_col=None, label_col=None):
             raise DataError(
                 f"{csv_path} line {line}: missing label ({label!r}) for {image}; fill it in or drop the row"
             )
-        records.append((image.replace("\\", "/"), label, line))
-    samples = pd.DataFrame(records, columns=["image", "label", "line"])
+        group = fields[group_at].strip() if group_at is not None else None
+        if group_at is not None and group.lower() in MISSING_LABELS:
+            raise DataError(f"{csv_path} line {line}: empty {group_col!r} for {image}; give every image its group")
+        records.append((image.replace("\\", "/"), label, line) + ((group,) if group_at is not None else ()))
+    samples = pd.DataFrame(records, columns=["image", "label", "line"] + (["group"] if group_at is not None else []))
     return _drop_duplicates(csv_path, samples)
+
+
+def group_like_column(csv_path):
+    """A column of the CSV whose name suggests it groups images (a patient id), else None: for a hint."""
+    header, _ = read_csv_rows(csv_path)
+    return next((name for name in header if name.strip().lower().replace(" ", "_") in GROUP_LIKE_COLUMNS), None)
+
+
+def groups_from_pattern(samples, pattern, source):
+    """Each image's group: the first group of the regular expression `pattern` searched in its file name."""
+    try:
+        regex = re.compile(pattern)
+    except re.error as e:
+        raise DataError(f"--group-pattern {pattern!r}: not a regular expression ({e})") from None
+    if regex.groups < 1:
+        raise DataError(f"--group-pattern {pattern!r}: put the group in parentheses, e.g. '^(P\\d+)_'")
+    groups = []
+    for image in samples["image"]:
+        match = regex.search(Path(image).name)
+        if not match or not match.group(1):
+            raise DataError(f"{source}: --group-pattern {pattern!r} finds no group in {image}; fix the pattern")
+        groups.append(match.group(1))
+    return samples.assign(group=groups)
 
 
 def read_images(csv_path, image_col="image"):
@@ -263,25 +299,43 @@ def read_image_sets(
     test_root=None,
     image_col=None,
     label_col=None,
+    group_col=None,
+    group_pattern=None,
 ):
     """The labelled images that --data or the CSV flags name: (all, val, test) ImageSets, where val and test
-    are None when not given (the caller splits `all`). val and test paths are relative to `root` by default."""
+    are None when not given (the caller splits `all`). val and test paths are relative to `root` by default.
+    With `group_col` (CSV) or `group_pattern` (on file names), the samples have a group column."""
     if data:
-        parts = image_folders(data)
-        return tuple(ImageSet(s, Path(data), str(data)) if s is not None else None for s in parts)
-    parts = ((csv, root), (val_csv, val_root or root), (test_csv, test_root or root))
-    return tuple(
-        ImageSet(read_labels(path, image_col, label_col), Path(folder), str(path)) if path else None
-        for path, folder in parts
-    )
+        image_sets = [ImageSet(s, Path(data), str(data)) if s is not None else None for s in image_folders(data)]
+    else:
+        parts = ((csv, root, False), (val_csv, val_root or root, True), (test_csv, test_root or root, True))
+        image_sets = [
+            ImageSet(read_labels(path, image_col, label_col, group_col, optional), Path(folder), str(path))
+            if path
+            else None
+            for path, folder, optional in parts
+        ]
+    if group_pattern:
+        image_sets = [
+            s and s._replace(samples=groups_from_pattern(s.samples, group_pattern, s.source)) for s in image_sets
+        ]
+    return tuple(image_sets)
 
 
 def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False):
     """(train, val, test, class_names, split_method): the ImageSets read_image_sets(*sources) reads, every image
     checked (see `checked`), the classes those of the training images. Without a validation CSV or folder,
-    validation is `val_split` of the images (see split_samples). Refuses a single class, val/test labels that
-    are not classes, and a --val-csv whose images are all --csv images."""
+    validation is `val_split` of the images (see split_samples), whole groups at a time when there are groups.
+    Refuses a single class, val/test labels that are not classes, and a --val-csv whose images are all --csv
+    images; warns when a group is in two parts, or when the CSV has a column that looks like a grouping."""
     everything, val_set, test_set = read_image_sets(*sources)
+    if "group" not in everything.samples and sources[1] and group_like_column(sources[1]):
+        column = group_like_column(sources[1])
+        print(
+            f"hint: {sources[1]} has a column {column!r}; if it names the patient or subject of each image, pass "
+            f"--group-col {column} so that none is in both train and validation",
+            file=sys.stderr,
+        )
     class_names = sorted_class_names(everything.samples["label"])
     if len(class_names) < 2:
         raise DataError(f"{everything.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
@@ -292,10 +346,32 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
     everything, val_set, test_set = (checked(part, skip_bad) if part is not None else None for part in parts)
     if val_set is None:
         train_set, val_set, method = split_samples(everything, val_split, seed, method)
-        return train_set, val_set, test_set, class_names, method
-    check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
-    given_by = "val folder" if sources[0] else "separate CSV"  # sources[0] is --data
-    return everything, val_set, test_set, class_names, given_by
+    else:
+        check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
+        train_set, method = everything, "val folder" if sources[0] else "separate CSV"  # sources[0] is --data
+    warn_shared_groups({"train": train_set, "val": val_set, "test": test_set})
+    if "group" in train_set.samples:
+        groups = pd.concat([part.samples["group"] for part in (train_set, val_set, test_set) if part is not None])
+        method = f"grouped by {sources[9] or 'pattern'}: {groups.nunique()} groups, {method}"  # sources[9]: group_col
+    return train_set, val_set, test_set, class_names, method
+
+
+def warn_shared_groups(parts):
+    """One warning per pair of parts (name -> ImageSet or None) that share a group: its images leak."""
+    named = [
+        (name, set(part.samples["group"]))
+        for name, part in parts.items()
+        if part is not None and "group" in part.samples
+    ]
+    for i, (name_a, groups_a) in enumerate(named):
+        for name_b, groups_b in named[i + 1 :]:
+            shared = sorted(groups_a & groups_b)
+            if shared:
+                print(
+                    f"warning: {name_a} and {name_b} share {len(shared)} of their groups (first: {shared[0]}); "
+                    f"{name_b} then measures images of patients the model has seen",
+                    file=sys.stderr,
+                )
 
 
 def evaluation_image_set(csv, root, class_names, image_col=None, label_col=None, skip_bad=False):
@@ -316,7 +392,10 @@ def split_samples(image_set, val_split, seed, method):
     if method == "auto":
         method = "stratified" if counts.min() >= 2 else "random"
     is_val = np.zeros(len(samples), dtype=bool)
-    if method == "random":
+    if "group" in samples:
+        fractions = [1 - val_split, val_split]
+        is_val = assign_groups(samples["label"], samples["group"], fractions, seed, method == "stratified") == 1
+    elif method == "random":
         order = torch.randperm(len(samples), generator=generator).numpy()
         train_size = int(len(samples) * (1 - val_split))
         is_val[order[train_size:]] = True
@@ -335,6 +414,32 @@ def split_samples(image_set, val_split, seed, method):
         )
     train, val = samples[~is_val].reset_index(drop=True), samples[is_val].reset_index(drop=True)
     return image_set._replace(samples=train), image_set._replace(samples=val), method
+
+
+def assign_groups(labels, groups, fractions, seed, stratified=True):
+    """The part (0 .. len(fractions) - 1) of each image, whole groups at a time: no group is in two parts.
+
+    Groups go largest first (equal sizes in seeded random order), each to the part where it brings the
+    images closest to the parts' shares of every class (`stratified`) or of all images; the result is as
+    stratified as the groups allow. The same seed and samples give the same parts."""
+    labels = np.asarray(labels) if stratified else np.zeros(len(labels), dtype=int)
+    group_names, group_of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    _, class_of = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(group_names), class_of.max() + 1))  # images of each class in each group
+    np.add.at(counts, (group_of, class_of), 1)
+    order = np.random.default_rng(seed).permutation(len(group_names))
+    order = order[np.argsort(-counts[order].sum(1), kind="stable")]
+    class_totals = counts.sum(0)
+    target = np.asarray(fractions, dtype=float)[:, None] * class_totals  # (parts, classes)
+    filled = np.zeros_like(target)
+    part_of_group = np.zeros(len(group_names), dtype=int)
+    for group in order:
+        # the change in squared shortfall, relative to each class's size, of adding this group to each part
+        after, before = filled + counts[group] - target, filled - target
+        cost = ((after**2 - before**2) / class_totals**2).sum(1)
+        part_of_group[group] = int(np.argmin(cost))
+        filled[part_of_group[group]] += counts[group]
+    return part_of_group[group_of]
 
 
 def check_labels(image_set, class_names):
@@ -638,8 +743,8 @@ class MyDataset(Dataset):
                 flat[start:end] = array.reshape(-1)
                 shapes[index] = array.shape
 
-        # Only rank 0 of a torchrun job shows the bar, as for training; delay: only when it takes a while.
-        quiet = os.environ.get("RANK", "0") != "0"
+        # Only rank 0 of a torchrun job shows the bar, on a terminal, as in training; delay: when it takes a while.
+        quiet = os.environ.get("RANK", "0") != "0" or not sys.stderr.isatty()
         with tqdm(total=count, desc="caching", unit="img", leave=False, delay=2, disable=quiet) as bar:
             for _ in map_in_threads(decode, range(count), threads):
                 bar.update()

@@ -180,7 +180,8 @@ def main(args):
 
     predicted = []  # (item index, probabilities)
     with torch.inference_mode():
-        for images, rows, bad in tqdm(loader, desc="predict", leave=False, dynamic_ncols=True):
+        bar = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        for images, rows, bad in bar:
             for image in bad:
                 tqdm.write(f"warning: skipping {image.image}: {image.reason}", file=sys.stderr)
             if images is not None:

@@ -333,14 +333,15 @@ def split_digest(train_samples, val_samples):
 
 
 def write_split(output_dir, parts):
-    """split.csv: every image of every part ("train", "val", "test") with its label."""
+    """split.csv: every image of every part ("train", "val", "test") with its label, and its group (patient)
+    when the run has groups (--group-col, --group-pattern)."""
     rows = [
-        dict(image=image, label=label, split=name)
+        dict(image=image, label=label, split=name, group=group)
         for name, samples in parts.items()
         if samples is not None
-        for image, label in zip(samples["image"], samples["label"])
+        for image, label, group in zip(samples["image"], samples["label"], samples.get("group", [None] * len(samples)))
     ]
-    write_csv_atomically(output_dir / "split.csv", ["image", "label", "split"], rows)
+    write_csv_atomically(output_dir / "split.csv", ["image", "label", "split", "group"], rows)
 
 
 def write_metrics(output_dir, history):

@@ -109,6 +109,8 @@ def get_args_parser():
     data("--val-root", help="folder the --val-csv paths are relative to (default: --root)")
     data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
     data("--test-root", help="folder the --test-csv paths are relative to (default: --root)")
+    data("--group-col", help="CSV column of patient/subject ids: a group's images are never in two parts")
+    data("--group-pattern", help="the same from file names: a regex whose first group is the id, e.g. '^(P\\d+)_'")
     data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
     data("--split", choices=["auto", "stratified", "random"], default="auto",
          help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images")
@@ -166,6 +168,8 @@ def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
         raise UsageError("--data takes class folders; drop --csv/--val-csv/--test-csv, or drop --data")
+    if args.data and args.group_col:
+        raise UsageError("--group-col names a CSV column; for --data folders use --group-pattern on the file names")
     if args.data is None and args.csv is None and args.root is not None:
         if not Path(args.root).is_dir() or not any(p.is_dir() for p in Path(args.root).iterdir()):
             raise UsageError(f"--root {args.root} without --csv: give --csv, or --data for a folder of class folders")
@@ -318,7 +322,7 @@ def load_samples(args):
     """(train, val, test, class_names, split_method): every image checked before training starts; without a
     validation CSV or folder, validation is --val-split of the images, seeded (see dataset.labelled_image_sets)."""
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
-    columns = (args.image_col, args.label_col)
+    columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
     return dataset.labelled_image_sets(
         *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images
     )

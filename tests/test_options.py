@@ -46,6 +46,13 @@ def test_a_run_writes_every_validation_image_s_probabilities(train_tiny, capsys)
     assert "1 epoch ->" in out
 
 
+def test_without_a_terminal_no_progress_bar_is_written(train_tiny, capsys):
+    status, _ = train_tiny("--epochs", "1", "--cache", "on")  # captured output, as a log file: not a terminal
+    assert status == 0
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err + captured.out and "epoch 1/1  train_loss" in captured.out
+
+
 def test_evaluate_reproduces_the_end_of_training_report(train_tiny, tmp_path):
     status, run_dir = train_tiny("--epochs", "1", "--amp", "off")  # --evaluate is fp32 unless told otherwise
     assert status == 0

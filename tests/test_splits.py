@@ -1,0 +1,113 @@
+"""Splits that cannot leak: a patient's images stay on one side (--group-col, --group-pattern)."""
+
+import numpy as np
+import pytest
+from conftest import FAST, make_image, read_rows, run_train, write_csv
+
+import dataset
+
+
+def patients(seed, class_shares, count=40):
+    """(labels, groups): `count` patients of 1-7 images each, one class per patient, drawn by class_shares."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for patient in range(count):
+        images = int(rng.integers(1, 8))
+        label = str(rng.choice(["benign", "malignant", "other"], p=class_shares))
+        labels += [label] * images
+        groups += [f"P{patient:03d}"] * images
+    return np.array(labels), np.array(groups)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("class_shares", [(0.5, 0.5, 0.0), (0.6, 0.3, 0.1), (0.34, 0.33, 0.33)])
+def test_no_patient_is_in_two_parts_and_each_class_keeps_its_share(seed, class_shares):
+    labels, groups = patients(seed, class_shares)
+    part = dataset.assign_groups(labels, groups, [0.7, 0.3], seed)
+    for patient in set(groups):
+        assert len(set(part[groups == patient])) == 1, patient
+    for label in set(labels):
+        if (labels == label).sum() >= 20:  # enough patients of the class for its share to be kept
+            assert abs(part[labels == label].mean() - 0.3) < 0.1, label
+
+
+def test_the_same_seed_gives_the_same_grouped_split_and_another_seed_another():
+    labels, groups = patients(0, (0.5, 0.5, 0.0))
+    first = dataset.assign_groups(labels, groups, [0.7, 0.3], seed=4)
+    assert (dataset.assign_groups(labels, groups, [0.7, 0.3], seed=4) == first).all()
+    assert (dataset.assign_groups(labels, groups, [0.7, 0.3], seed=5) != first).any()
+
+
+@pytest.fixture
+def patient_csv(tmp_path):
+    """12 patients x 2 images (3 classes, 4 patients each) in a CSV with a patient_id column."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    rows = []
+    for patient in range(12):
+        label_index = patient % 3
+        for frame in range(2):
+            name = f"P{patient:02d}_frame{frame}.png"
+            make_image(tmp_path / "images" / name, label_index, rng)
+            rows.append((name, ["cat", "dog", "fox"][label_index], f"P{patient:02d}"))
+    csv_path = write_csv(tmp_path / "labels.csv", rows, header=("image", "label", "patient_id"))
+    return csv_path, tmp_path / "images"
+
+
+def test_group_col_keeps_every_patient_in_one_part_and_split_csv_names_the_group(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    argv = ["--csv", csv_path, "--root", root, "--group-col", "patient_id", "--epochs", "1", *FAST]
+    assert run_train(*argv, "--output-dir", tmp_path / "run") == 0
+    rows = read_rows(tmp_path / "run" / "split.csv")
+    parts_of = {}
+    for row in rows:
+        assert row["group"] == row["image"][:3]
+        parts_of.setdefault(row["group"], set()).add(row["split"])
+    assert all(len(parts) == 1 for parts in parts_of.values()) and len(parts_of) == 12
+    assert "grouped by patient_id: 12 groups" in capsys.readouterr().out
+
+
+def test_a_patient_like_column_without_group_col_gives_a_hint(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    assert run_train("--csv", csv_path, "--root", root, "--epochs", "1", *FAST, "--output-dir", tmp_path / "r") == 0
+    assert "--group-col patient_id" in capsys.readouterr().err
+
+
+def test_group_pattern_groups_folder_images_by_file_name(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    folder = tmp_path / "folders"
+    for row in read_rows(csv_path):
+        (folder / row["label"]).mkdir(parents=True, exist_ok=True)
+        (folder / row["label"] / row["image"]).write_bytes((root / row["image"]).read_bytes())
+    argv = ["--data", folder, "--group-pattern", r"^(P\d+)_", "--epochs", "1", *FAST, "--output-dir", tmp_path / "r"]
+    assert run_train(*argv) == 0
+    rows = read_rows(tmp_path / "r" / "split.csv")
+    assert all(row["group"] == row["image"].split("/")[-1][:3] for row in rows)
+    assert len({(row["group"], row["split"]) for row in rows}) == 12
+
+
+def test_a_group_pattern_that_misses_a_file_names_it(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    argv = ["--csv", csv_path, "--root", root, "--group-pattern", r"^(Q\d+)_", *FAST, "--output-dir", tmp_path / "r"]
+    assert run_train(*argv) == 2
+    err = capsys.readouterr().err
+    assert "--group-pattern" in err and "P00_frame0.png" in err and err.count("\n") == 1
+
+
+def test_a_missing_group_column_is_named(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    assert run_train("--csv", csv_path, "--root", root, "--group-col", "subject", *FAST) == 2
+    err = capsys.readouterr().err
+    assert "'subject'" in err and "patient_id" in err and "--group-col" in err
+
+
+def test_a_val_csv_sharing_patients_with_training_is_warned_about(patient_csv, tmp_path, capsys):
+    csv_path, root = patient_csv
+    rows = read_rows(csv_path)
+    train_csv = write_csv(
+        tmp_path / "train.csv", [tuple(r.values()) for r in rows[:18]], ("image", "label", "patient_id")
+    )
+    val_csv = write_csv(tmp_path / "val.csv", [tuple(r.values()) for r in rows[17:]], ("image", "label", "patient_id"))
+    argv = ["--csv", train_csv, "--root", root, "--val-csv", val_csv, "--group-col", "patient_id", "--epochs", "1"]
+    assert run_train(*argv, *FAST, "--output-dir", tmp_path / "r") == 0
+    assert "train and val share 1 of their groups (first: P08)" in capsys.readouterr().err
