@@ -37,6 +37,7 @@ from torchvision.transforms import v2
 from tqdm import tqdm
 
 import dataset
+import duplicates
 import metrics
 import plots
 import run_files
@@ -119,6 +120,8 @@ def get_args_parser():
     data("--cache", choices=["auto", "on", "off"], default="auto",
          help="decode images once into RAM; auto = when they take under a quarter of it")
     data("--skip-bad-images", action="store_true", help="drop images that fail to decode instead of stopping")
+    data("--no-duplicate-check", action="store_true", help="skip the search for copies of an image across parts")
+    data("--dedupe", action="store_true", help="drop val/test images that copy an image of an earlier part")
     data("--balanced-sampler", action="store_true", help="draw training images with equal weight per class")
 
     model = parser.add_argument_group("model").add_argument
@@ -168,6 +171,8 @@ def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
         raise UsageError("--data takes class folders; drop --csv/--val-csv/--test-csv, or drop --data")
+    if args.dedupe and args.no_duplicate_check:
+        raise UsageError("--dedupe needs the duplicate check; drop --no-duplicate-check")
     if args.data and args.group_col:
         raise UsageError("--group-col names a CSV column; for --data folders use --group-pattern on the file names")
     if args.data is None and args.csv is None and args.root is not None:
@@ -319,13 +324,15 @@ def preprocessing_of(args):
 
 
 def load_samples(args):
-    """(train, val, test, class_names, split_method): every image checked before training starts; without a
-    validation CSV or folder, validation is --val-split of the images, seeded (see dataset.labelled_image_sets)."""
+    """(train, val, test, class_names, split_method, copies): every image checked before training; validation is
+    --val-split of them without a val CSV or folder (dataset.labelled_image_sets); copies across parts found."""
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
     columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
-    return dataset.labelled_image_sets(
+    train_set, val_set, test_set, class_names, split_method = dataset.labelled_image_sets(
         *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images
     )
+    val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
+    return train_set, val_set, test_set, class_names, split_method, copies
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size):
@@ -672,8 +679,7 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
     batch = f"batch {args.batch_size}" + f" x {args.accum_steps} accumulated" * (args.accum_steps > 1)
     batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1)
     batch += f" (global {global_batch})" * (global_batch > args.batch_size)
-    weights = f" from {args.weights}" if args.weights else ""
-    epochs = f"{args.epochs} epoch" + "s" * (args.epochs != 1)
+    weights, epochs = f" from {args.weights}" * bool(args.weights), f"{args.epochs} epoch" + "s" * (args.epochs != 1)
     print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {epochs} -> {output_dir}")
     if train_loader.drop_last:  # decided once, by build_dataloaders
         print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
@@ -731,7 +737,7 @@ def main(args, argv=None):
     ctx = make_context(device, args.amp, mean, std, rank, world_size)
 
     # ---- data
-    train_set, val_set, test_set, class_names, split_method = load_samples(args)
+    train_set, val_set, test_set, class_names, split_method, copies = load_samples(args)
     digest = run_files.split_digest(train_set.samples, val_set.samples)
     if checkpoint is not None and checkpoint.get("split_digest") != digest:
         raise UsageError(f"--resume: {args.data or args.csv} no longer gives this run's split; start a new run")
@@ -765,6 +771,7 @@ def main(args, argv=None):
         run_files.write_split(output_dir, splits)
         run_files.write_args(output_dir, args, ctx, workers)
         print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, train_loader, output_dir)
+        duplicates.report(output_dir, copies, args.dedupe)
         if start_epoch:
             print(f"resuming after epoch {start_epoch}")
         else:  # what the augmentation does to these images (the loader is reseeded at every epoch)

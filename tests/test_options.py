@@ -141,7 +141,7 @@ def test_balanced_sampler_draws_classes_about_equally(tiny_data, tmp_path):
     rows = [(f"cat_{i}.png", "cat") for i in range(8)] + [("dog_0.png", "dog"), ("dog_1.png", "dog")]
     skewed = write_csv(tmp_path / "skewed.csv", rows)
     args = options("--csv", skewed, "--root", root, *FAST, "--balanced-sampler", "--cache", "off", "--val-split", "0.2")
-    train_set, val_set, _, class_names, _ = train.load_samples(args)
+    train_set, val_set, _, class_names, _, _ = train.load_samples(args)
     train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
     ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
     loader, _ = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)

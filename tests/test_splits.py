@@ -1,10 +1,14 @@
-"""Splits that cannot leak: a patient's images stay on one side (--group-col, --group-pattern)."""
+"""Splits that cannot leak: a patient's images stay on one side (--group-col, --group-pattern), and copies of
+an image across train, val and test are found (duplicates.py)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import FAST, make_image, read_rows, run_train, write_csv
+from PIL import Image, ImageEnhance
 
 import dataset
+import duplicates
 
 
 def patients(seed, class_shares, count=40):
@@ -111,3 +115,76 @@ def test_a_val_csv_sharing_patients_with_training_is_warned_about(patient_csv, t
     argv = ["--csv", train_csv, "--root", root, "--val-csv", val_csv, "--group-col", "patient_id", "--epochs", "1"]
     assert run_train(*argv, *FAST, "--output-dir", tmp_path / "r") == 0
     assert "train and val share 1 of their groups (first: P08)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ copies across parts
+
+
+def smooth_image(rng, size=96):
+    """A smooth synthetic picture: an 8x8 random colour field, enlarged bicubically."""
+    return Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
+
+
+def planted_copies(folder):
+    """train and val ImageSets of 60 + 30 distinct smooth images (labels a, b in turn), and 4 copies of train
+    images put in val: exact (another file name), resized 0.75x, JPEG quality 60, and brightness +10% with
+    another label than its original's."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(exist_ok=True)
+    rows = {"train": [], "val": []}
+    for i in range(90):
+        part = "train" if i < 60 else "val"
+        smooth_image(rng).save(folder / f"{part}_{i}.png")
+        rows[part].append((f"{part}_{i}.png", "ab"[i % 2]))
+    Image.open(folder / "train_0.png").save(folder / "copy_exact.png")
+    Image.open(folder / "train_3.png").resize((72, 72), Image.BILINEAR).save(folder / "copy_resized.png")
+    Image.open(folder / "train_1.png").save(folder / "copy_jpeg.jpg", quality=60)
+    ImageEnhance.Brightness(Image.open(folder / "train_2.png")).enhance(1.1).save(folder / "copy_bright.png")
+    rows["val"] += [
+        ("copy_exact.png", "a"),
+        ("copy_resized.png", "b"),
+        ("copy_jpeg.jpg", "b"),
+        ("copy_bright.png", "b"),
+    ]
+    return {
+        name: dataset.ImageSet(pd.DataFrame(r, columns=["image", "label"]), folder, name) for name, r in rows.items()
+    }
+
+
+def test_exact_and_near_copies_across_parts_are_found_and_nothing_else(tmp_path):
+    found = duplicates.find_duplicates(planted_copies(tmp_path / "images"))
+    by_copy = {pair["image_b"]: pair for pair in found.pairs}
+    assert sorted(by_copy) == ["copy_bright.png", "copy_exact.png", "copy_jpeg.jpg", "copy_resized.png"]
+    assert by_copy["copy_exact.png"]["kind"] == "exact" and by_copy["copy_exact.png"]["image_a"] == "train_0.png"
+    assert {by_copy[name]["kind"] for name in ("copy_resized.png", "copy_jpeg.jpg", "copy_bright.png")} == {"near"}
+    assert [by_copy[name]["image_a"] for name in ("copy_jpeg.jpg", "copy_bright.png")] == ["train_1.png", "train_2.png"]
+    assert by_copy["copy_bright.png"]["same_label"] is False and by_copy["copy_jpeg.jpg"]["same_label"] is True
+    assert found.within_parts == 0  # 90 distinct smooth images: no false pair
+
+
+def test_copies_inside_one_part_are_counted_not_listed(tmp_path):
+    parts = planted_copies(tmp_path / "images")
+    parts["train"] = parts["train"]._replace(samples=pd.concat([parts["train"].samples, parts["val"].samples[-4:]]))
+    parts["val"] = parts["val"]._replace(samples=parts["val"].samples[:30])
+    found = duplicates.find_duplicates(parts)
+    assert found.pairs == [] and found.within_parts == 4
+
+
+def test_dedupe_drops_the_val_copies_and_duplicates_csv_lists_them(tmp_path, capsys):
+    parts = planted_copies(tmp_path / "images")
+    train_csv = write_csv(tmp_path / "train.csv", parts["train"].samples.itertuples(index=False))
+    val_csv = write_csv(tmp_path / "val.csv", parts["val"].samples.itertuples(index=False))
+    argv = ["--csv", train_csv, "--root", tmp_path / "images", "--val-csv", val_csv, "--epochs", "1", *FAST]
+    assert run_train(*argv, "--dedupe", "--output-dir", tmp_path / "run") == 0
+    listed = read_rows(tmp_path / "run" / "duplicates.csv")
+    assert sorted(row["image_b"] for row in listed) == [
+        "copy_bright.png",
+        "copy_exact.png",
+        "copy_jpeg.jpg",
+        "copy_resized.png",
+    ]
+    val_images = [row["image"] for row in read_rows(tmp_path / "run" / "split.csv") if row["split"] == "val"]
+    assert len(val_images) == 30 and not any(image.startswith("copy_") for image in val_images)
+    err = capsys.readouterr().err
+    assert "warning: 4 images in val copy an image of an earlier part (1 exact, 3 near)" in err
+    assert "1 with different labels (labelling conflicts)" in err and "duplicates.csv" in err
