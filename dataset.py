@@ -322,7 +322,7 @@ def read_image_sets(
     return tuple(image_sets)
 
 
-def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False):
+def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False, folds=None, fold=None):
     """(train, val, test, class_names, split_method): the ImageSets read_image_sets(*sources) reads, every image
     checked (see `checked`), the classes those of the training images. Without a validation CSV or folder,
     validation is `val_split` of the images (see split_samples), whole groups at a time when there are groups.
@@ -345,7 +345,9 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
     parts = (everything, val_set, test_set)
     everything, val_set, test_set = (checked(part, skip_bad) if part is not None else None for part in parts)
     if val_set is None:
-        train_set, val_set, method = split_samples(everything, val_split, seed, method)
+        train_set, val_set, method = split_samples(everything, val_split, seed, method, folds, fold)
+    elif folds:
+        raise DataError(f"--folds splits {everything.source} itself; drop the separate validation images")
     else:
         check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
         train_set, method = everything, "val folder" if sources[0] else "separate CSV"  # sources[0] is --data
@@ -381,10 +383,11 @@ def evaluation_image_set(csv, root, class_names, image_col=None, label_col=None,
     return checked(image_set, skip_bad)
 
 
-def split_samples(image_set, val_split, seed, method):
+def split_samples(image_set, val_split, seed, method, folds=None, fold=None):
     """(train, val, method): `val_split` of an ImageSet's images held out for validation, the same ones for the
     same seed and images. Stratified keeps each class's share in both parts; random is the original script's
-    random_split; auto is stratified when every class has 2 images or more.
+    random_split; auto is stratified when every class has 2 images or more. With `folds`, validation is fold
+    `fold` (1-based) of `folds` equal parts instead, whole groups at a time when there are groups.
     """
     samples = image_set.samples
     generator = torch.Generator().manual_seed(seed)
@@ -392,7 +395,11 @@ def split_samples(image_set, val_split, seed, method):
     if method == "auto":
         method = "stratified" if counts.min() >= 2 else "random"
     is_val = np.zeros(len(samples), dtype=bool)
-    if "group" in samples:
+    if folds:  # each image (or group) in one fold: assign_groups with every image its own group when ungrouped
+        groups = samples["group"] if "group" in samples else np.arange(len(samples))
+        is_val = assign_groups(samples["label"], groups, [1 / folds] * folds, seed, method == "stratified") == fold - 1
+        method = f"fold {fold} of {folds}, {method}"
+    elif "group" in samples:
         fractions = [1 - val_split, val_split]
         is_val = assign_groups(samples["label"], samples["group"], fractions, seed, method == "stratified") == 1
     elif method == "random":

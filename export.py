@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import run_files
 import train
 from run_files import UsageError, one_line
@@ -45,7 +46,7 @@ class ExportError(Exception):
 
 
 def get_args_parser():
-    parser = train.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,

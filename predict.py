@@ -24,6 +24,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+import cli
 import export
 import run_files
 import train
@@ -32,7 +33,7 @@ from run_files import UsageError, one_line
 
 
 def get_args_parser():
-    parser = train.ArgumentParser(
+    parser = cli.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 2)[2],
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -395,6 +395,45 @@ def write_predictions(path, predictions, data):
     write_csv_atomically(path, header, rows)
 
 
+# ------------------------------------------------------------------------------------- cross-validation
+
+CV_SCORES = ("accuracy", "macro f1", "macro auc")
+
+
+def write_cv_summary(output_dir, folds):
+    """After --folds K: cv_summary.csv (each fold's validation scores, and test scores when there is a test
+    set, with their mean and sample standard deviation), cv_predictions.csv (every image's out-of-fold
+    prediction, with its fold), and the same summary on the console."""
+    import csv
+    import statistics
+
+    def read(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    fold_dirs = [Path(output_dir) / f"fold{k}" for k in range(1, folds + 1)]
+    rows, lines = [], []
+    for part, prefix in (("val", ""), ("test", "test_")):
+        if not all((d / f"{prefix}report.csv").exists() for d in fold_dirs):
+            continue
+        reports = [{row["label"]: row["value"] for row in read(d / f"{prefix}report.csv")} for d in fold_dirs]
+        for score in CV_SCORES:
+            values = [float(report[score]) if report.get(score) else float("nan") for report in reports]
+            defined = [v for v in values if v == v]
+            mean = statistics.fmean(defined) if defined else float("nan")
+            sd = statistics.stdev(defined) if len(defined) > 1 else float("nan")
+            rows.append({"metric": f"{part} {score}", **{f"fold{k}": v for k, v in enumerate(values, 1)},
+                         "mean": mean, "sd": sd})  # fmt: skip
+            lines.append(f"{part} {score} {mean:.3f} ± {sd:.3f}")
+    header = ["metric", *(f"fold{k}" for k in range(1, folds + 1)), "mean", "sd"]
+    write_csv_atomically(Path(output_dir) / "cv_summary.csv", header, rows)
+    predictions = [dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in read(d / "val_predictions.csv")]
+    columns = ["fold", *read(fold_dirs[0] / "val_predictions.csv")[0].keys()]
+    write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
+    print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
+    print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
+
+
 # -------------------------------------------------------------------------------------------- args.json
 
 

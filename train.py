@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import random
-import re
 import signal
 import sys
 import time
@@ -36,11 +35,13 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRan
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import cli
 import dataset
 import duplicates
 import metrics
 import plots
 import run_files
+from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SMOOTHING
 from dataset import BadImageError, BadImageLog, DataError, MyDataset
 from run_files import UsageError, one_line, save_checkpoint
 
@@ -51,52 +52,8 @@ HERE = Path(__file__).resolve().parent
 # ============================================================================================= arguments
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """No prefix matching (`--epoch 1` is not silently `--epochs 1`); errors are one line with a suggestion."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-
-    def error(self, message):
-        unknown = re.match(r"unrecognized arguments: (\S+)", message)
-        if unknown:
-            flags = [s for action in self._actions for s in action.option_strings]
-            close = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1, cutoff=0.6)
-            message += f"; did you mean {close[0]}?" if close else ""
-        message = re.sub(r"^argument (-[^:/ ]+)[^:]*: ", r"\1 ", message)  # "--epochs must be positive, got 0"
-        raise UsageError(f"{message} (see --help)")
-
-
-def number(kind, allowed, requirement):
-    """An argparse type: a finite `kind` (int or float) for which allowed(value) holds."""
-
-    def parse(text):
-        value = kind(text)
-        if not (math.isfinite(value) and allowed(value)):
-            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names it in "invalid int value: 'three'"
-    return parse
-
-
-POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "positive"), number(float, lambda v: v > 0, "positive")
-COUNT, NON_NEGATIVE = number(int, lambda v: v >= 0, "0 or more"), number(float, lambda v: v >= 0, "0 or more")
-FRACTION = number(float, lambda v: 0 < v < 1, "between 0 and 1")
-IMAGE_SIZE, SMOOTHING = number(int, lambda v: v >= 16, "at least 16"), number(float, lambda v: 0 <= v < 1, "in [0, 1)")
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows '(default: X)' only where X says something the help text does not."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def get_args_parser():
-    parser = ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
     # One flag a line (two for a long help text), as in a table: the formatter would spread each over six.
     # fmt: off
     data = parser.add_argument_group("data").add_argument
@@ -113,6 +70,8 @@ def get_args_parser():
     data("--group-col", help="CSV column of patient/subject ids: a group's images are never in two parts")
     data("--group-pattern", help="the same from file names: a regex whose first group is the id, e.g. '^(P\\d+)_'")
     data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
+    data("--folds", type=FOLDS, help="K-fold cross-validation: K runs in OUTPUT/fold1..K, each image validated once")
+    data("--fold", type=POSITIVE_INT, help="with --folds, run only this fold (e.g. one cluster job per fold)")
     data("--split", choices=["auto", "stratified", "random"], default="auto",
          help="stratified keeps each class's share in train and val; auto = stratified when every class has 2+ images")
     data("--image-size", type=IMAGE_SIZE, default=224, help="training crop size; validation resizes to size*256/224")
@@ -171,6 +130,10 @@ def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
         raise UsageError("--data takes class folders; drop --csv/--val-csv/--test-csv, or drop --data")
+    if args.fold and not (args.folds and args.fold <= args.folds):
+        raise UsageError(f"--fold {args.fold} needs --folds K with K >= {args.fold}")
+    if args.folds and args.resume not in (None, "last"):
+        raise UsageError("--folds resumes with --resume alone: each fold continues from its own last.pt")
     if args.dedupe and args.no_duplicate_check:
         raise UsageError("--dedupe needs the duplicate check; drop --no-duplicate-check")
     if args.data and args.group_col:
@@ -329,8 +292,9 @@ def load_samples(args):
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
     columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
     train_set, val_set, test_set, class_names, split_method = dataset.labelled_image_sets(
-        *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images
-    )
+        *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
+        folds=args.folds, fold=args.fold,
+    )  # fmt: skip
     val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
     return train_set, val_set, test_set, class_names, split_method, copies
 
@@ -852,6 +816,21 @@ def main(args, argv=None):
     return 0
 
 
+def cross_validate(args, argv):
+    """--folds K: one complete run per fold in OUTPUT/fold1 ... foldK (or only --fold N), then the summary."""
+    if args.output_dir is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("--folds under torchrun needs --output-dir, the same folder for every process")
+    output_dir = run_files.choose_output_dir(args.output_dir, args.resume, HERE)
+    for fold in [args.fold] if args.fold else range(1, args.folds + 1):
+        fold_args = argparse.Namespace(**{**vars(args), "fold": fold, "output_dir": str(output_dir / f"fold{fold}")})
+        status = main(fold_args, argv)
+        if status:
+            return status
+    if not args.fold and os.environ.get("RANK", "0") == "0":
+        run_files.write_cv_summary(output_dir, args.folds)
+    return 0
+
+
 def run_cli(argv=None):
     """Parse the command line and run; user mistakes become one `error:` line and exit status 2."""
     argv = sys.argv[1:] if argv is None else argv
@@ -865,8 +844,10 @@ def run_cli(argv=None):
             if args.nproc is None:
                 global_batch = args.batch_size * args.accum_steps * nproc
                 print(f"{nproc} GPUs: training on all of them (--device cuda:0 for one), global batch {global_batch}")
+            if args.folds and args.output_dir is None:  # every process continues in the same folder
+                argv = [*argv, "--output-dir", str(run_files.choose_output_dir(None, args.resume, HERE))]
             return launch_processes(nproc, argv)
-        return main(args, argv)
+        return cross_validate(args, argv) if args.folds else main(args, argv)
     except (UsageError, DataError) as e:
         # A setup mistake is the same in every torchrun process: rank 0 says it; a bad image is in one's shard.
         if os.environ.get("RANK", "0") == "0" or isinstance(e.__cause__, BadImageError):

@@ -188,3 +188,68 @@ def test_dedupe_drops_the_val_copies_and_duplicates_csv_lists_them(tmp_path, cap
     err = capsys.readouterr().err
     assert "warning: 4 images in val copy an image of an earlier part (1 exact, 3 near)" in err
     assert "1 with different labels (labelling conflicts)" in err and "duplicates.csv" in err
+
+
+# ------------------------------------------------------------------------------------------ --folds K
+
+
+@pytest.fixture(scope="module")
+def cross_validated(tmp_path_factory):
+    """--folds 3 --group-col patient_id on 12 patients x 2 images: (run folder, the CSV's rows)."""
+    folder = tmp_path_factory.mktemp("cv")
+    rng = np.random.default_rng(0)
+    (folder / "images").mkdir()
+    rows = []
+    for patient in range(12):
+        for frame in range(2):
+            make_image(folder / "images" / f"P{patient:02d}_{frame}.png", patient % 3, rng)
+            rows.append((f"P{patient:02d}_{frame}.png", "abc"[patient % 3], f"P{patient:02d}"))
+    csv_path = write_csv(folder / "labels.csv", rows, header=("image", "label", "patient_id"))
+    argv = ["--csv", csv_path, "--root", folder / "images", "--group-col", "patient_id", "--folds", "3"]
+    assert run_train(*argv, "--epochs", "1", *FAST, "--no-duplicate-check", "--output-dir", folder / "run") == 0
+    return folder / "run", rows
+
+
+def test_folds_validate_every_image_exactly_once_and_keep_patients_together(cross_validated):
+    run_dir, rows = cross_validated
+    validated = []
+    for fold in (1, 2, 3):
+        split = read_rows(run_dir / f"fold{fold}" / "split.csv")
+        validated += [row["image"] for row in split if row["split"] == "val"]
+        val_patients = {row["group"] for row in split if row["split"] == "val"}
+        assert val_patients.isdisjoint(row["group"] for row in split if row["split"] == "train")
+    assert sorted(validated) == sorted(image for image, _, _ in rows)
+    out_of_fold = read_rows(run_dir / "cv_predictions.csv")
+    assert sorted(row["image"] for row in out_of_fold) == sorted(validated)
+    assert {row["fold"] for row in out_of_fold} == {"1", "2", "3"}
+
+
+def test_the_cv_summary_is_the_mean_and_sd_of_the_fold_reports(cross_validated):
+    run_dir, _ = cross_validated
+    summary = {row["metric"]: row for row in read_rows(run_dir / "cv_summary.csv")}
+    for score in ("accuracy", "macro f1", "macro auc"):
+        values = []
+        for fold in (1, 2, 3):
+            report = {row["label"]: row for row in read_rows(run_dir / f"fold{fold}" / "report.csv")}
+            values.append(float(report[score]["value"]))
+            assert float(summary[f"val {score}"][f"fold{fold}"]) == pytest.approx(values[-1], abs=1e-6)
+        assert float(summary[f"val {score}"]["mean"]) == pytest.approx(np.mean(values), abs=1e-6)
+        assert float(summary[f"val {score}"]["sd"]) == pytest.approx(np.std(values, ddof=1), abs=1e-5)
+
+
+def test_folds_resume_at_the_interrupted_fold(tiny_data, tmp_path, capsys):
+    csv_path, root = tiny_data
+    argv = ["--csv", csv_path, "--root", root, "--folds", "2", "--epochs", "1", *FAST, "--output-dir", tmp_path / "cv"]
+    assert run_train(*argv, "--fold", "1") == 0  # as if stopped after the first fold
+    first = [(tmp_path / "cv" / "fold1" / name).stat().st_mtime_ns for name in ("best.pt", "last.pt")]
+    assert not (tmp_path / "cv" / "cv_summary.csv").exists()
+    assert run_train(*argv, "--resume") == 0
+    assert [(tmp_path / "cv" / "fold1" / name).stat().st_mtime_ns for name in ("best.pt", "last.pt")] == first
+    assert (tmp_path / "cv" / "fold2" / "best.pt").is_file() and (tmp_path / "cv" / "cv_summary.csv").is_file()
+    assert "fold 2 of 2" in capsys.readouterr().out
+
+
+def test_fold_without_folds_is_refused(tiny_data, capsys):
+    csv_path, root = tiny_data
+    assert run_train("--csv", csv_path, "--root", root, "--fold", "2", *FAST) == 2
+    assert "--fold 2 needs --folds" in capsys.readouterr().err
