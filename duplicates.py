@@ -120,23 +120,24 @@ def without_copies(found, val_set, test_set):
 
 
 def report(output_dir, found, deduped):
-    """duplicates.csv and one warning line, when any copies cross parts."""
+    """duplicates.csv and one warning line when copies cross parts; a note when they are inside parts only."""
     if found is None or not (found.pairs or found.within_parts):
         return
-    within = f"; {found.within_parts} pairs of copies inside one part (counted, not listed)"
+    within = f"{found.within_parts} pairs of copies inside one part (counted, not listed)"
     if not found.pairs:
-        print(f"note: {found.within_parts} pairs of copies inside one part (train, val or test)", file=sys.stderr)
+        print(f"note: {within}", file=sys.stderr)
         return
     write_csv_atomically(Path(output_dir) / "duplicates.csv", COLUMNS, found.pairs)
     exact = sum(pair["kind"] == "exact" for pair in found.pairs)
     conflicts = sum(not pair["same_label"] for pair in found.pairs)
-    parts = sorted({pair["part_b"] for pair in found.pairs})
-    what = f"{len(found.pairs) - conflicts} with the same label (leakage)"
-    what += f", {conflicts} with different labels (labelling conflicts)" if conflicts else ""
-    action = f"dropped the {'/'.join(parts)} copies (--dedupe)" if deduped else "--dedupe drops the later copy"
+    copies = len({(pair["part_b"], pair["image_b"]) for pair in found.pairs})
+    parts = "/".join(sorted({pair["part_b"] for pair in found.pairs}))
+    pairs = f"{len(found.pairs)} pairs: {exact} exact, {len(found.pairs) - exact} near; "
+    pairs += f"{len(found.pairs) - conflicts} with the same label (leakage)"
+    pairs += f", {conflicts} with different labels (labelling conflicts)" if conflicts else ""
+    action = f"--dedupe dropped those {copies} images" if deduped else "--dedupe drops them"
     print(
-        f"warning: {len(found.pairs)} images in {'/'.join(parts)} copy an image of an earlier part ({exact} exact, "
-        f"{len(found.pairs) - exact} near): {what}{within if found.within_parts else ''}; "
-        f"see {Path(output_dir) / 'duplicates.csv'}; {action}",
+        f"warning: {copies} images in {parts} copy an image of an earlier part ({pairs})"
+        f"{'; ' + within if found.within_parts else ''}; see {Path(output_dir) / 'duplicates.csv'}; {action}",
         file=sys.stderr,
     )

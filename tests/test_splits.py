@@ -71,23 +71,30 @@ def test_group_col_keeps_every_patient_in_one_part_and_split_csv_names_the_group
     assert "grouped by patient_id: 12 groups" in capsys.readouterr().out
 
 
-def test_a_patient_like_column_without_group_col_gives_a_hint(patient_csv, tmp_path, capsys):
+def image_sets(**sources):
+    """dataset.labelled_image_sets as train.py calls it, for the flags given as keywords."""
+    names = ["data", "csv", "root", "val_csv", "val_root", "test_csv", "test_root", "image_col", "label_col"]
+    names += ["group_col", "group_pattern"]
+    return dataset.labelled_image_sets(*(sources.get(name) for name in names), val_split=0.3, seed=0)
+
+
+def test_a_patient_like_column_without_group_col_gives_a_hint(patient_csv, capsys):
     csv_path, root = patient_csv
-    assert run_train("--csv", csv_path, "--root", root, "--epochs", "1", *FAST, "--output-dir", tmp_path / "r") == 0
-    assert "--group-col patient_id" in capsys.readouterr().err
+    image_sets(csv=csv_path, root=root)
+    assert "pass --group-col patient_id" in capsys.readouterr().err
 
 
-def test_group_pattern_groups_folder_images_by_file_name(patient_csv, tmp_path, capsys):
+def test_group_pattern_groups_folder_images_by_file_name(patient_csv, tmp_path):
     csv_path, root = patient_csv
     folder = tmp_path / "folders"
     for row in read_rows(csv_path):
         (folder / row["label"]).mkdir(parents=True, exist_ok=True)
         (folder / row["label"] / row["image"]).write_bytes((root / row["image"]).read_bytes())
-    argv = ["--data", folder, "--group-pattern", r"^(P\d+)_", "--epochs", "1", *FAST, "--output-dir", tmp_path / "r"]
-    assert run_train(*argv) == 0
-    rows = read_rows(tmp_path / "r" / "split.csv")
-    assert all(row["group"] == row["image"].split("/")[-1][:3] for row in rows)
-    assert len({(row["group"], row["split"]) for row in rows}) == 12
+    train_set, val_set, _, _, method = image_sets(data=folder, group_pattern=r"^(P\d+)_")
+    for part in (train_set, val_set):
+        assert (part.samples["group"] == part.samples["image"].str.split("/").str[-1].str[:3]).all()
+    assert set(train_set.samples["group"]).isdisjoint(val_set.samples["group"])
+    assert method.startswith("grouped by pattern: 12 groups")
 
 
 def test_a_group_pattern_that_misses_a_file_names_it(patient_csv, tmp_path, capsys):
@@ -112,8 +119,7 @@ def test_a_val_csv_sharing_patients_with_training_is_warned_about(patient_csv, t
         tmp_path / "train.csv", [tuple(r.values()) for r in rows[:18]], ("image", "label", "patient_id")
     )
     val_csv = write_csv(tmp_path / "val.csv", [tuple(r.values()) for r in rows[17:]], ("image", "label", "patient_id"))
-    argv = ["--csv", train_csv, "--root", root, "--val-csv", val_csv, "--group-col", "patient_id", "--epochs", "1"]
-    assert run_train(*argv, *FAST, "--output-dir", tmp_path / "r") == 0
+    image_sets(csv=train_csv, root=root, val_csv=val_csv, group_col="patient_id")
     assert "train and val share 1 of their groups (first: P08)" in capsys.readouterr().err
 
 
@@ -186,7 +192,8 @@ def test_dedupe_drops_the_val_copies_and_duplicates_csv_lists_them(tmp_path, cap
     val_images = [row["image"] for row in read_rows(tmp_path / "run" / "split.csv") if row["split"] == "val"]
     assert len(val_images) == 30 and not any(image.startswith("copy_") for image in val_images)
     err = capsys.readouterr().err
-    assert "warning: 4 images in val copy an image of an earlier part (1 exact, 3 near)" in err
+    assert "warning: 4 images in val copy an image of an earlier part (4 pairs: 1 exact, 3 near;" in err
+    assert "--dedupe dropped those 4 images" in err
     assert "1 with different labels (labelling conflicts)" in err and "duplicates.csv" in err
 
 
