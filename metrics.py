@@ -50,7 +50,8 @@ def epoch_scores(predictions):
     """The numbers each epoch records (metrics.csv) and --best-metric chooses by: loss, accuracy, macro-F1,
     macro AUC (NaN when no class has both positive and negative images)."""
     count = max(len(predictions), 1)
-    loss = -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item() / count
+    # at least 0: a log-probability that rounds above 0 would print a loss of -0.000
+    loss = max(0.0, -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item() / count)
     scores = class_scores(predictions)
     return {
         "val_loss": loss,

@@ -314,10 +314,10 @@ def prediction_order(true, predicted, confidence):
     )
 
 
-def draw_predictions(output_dir, images, true, predicted, confidence, class_names, max_images=32):
-    """val_predictions.jpg: images as the model saw them (uint8 N×3×H×W, before normalisation) with their true
-    label, predicted label and confidence, in `prediction_order`; a green frame and ✓ when right, red and ✗
-    when wrong. Pass all the images, or only those `prediction_order` puts first."""
+def draw_predictions(output_dir, images, true, predicted, confidence, class_names, max_images=32, name=None):
+    """val_predictions.jpg (or `name`): images as the model saw them (uint8 N×3×H×W, before normalisation) with
+    their true label, predicted label and confidence, in `prediction_order`; a green frame and ✓ when right,
+    red and ✗ when wrong. Pass all the images, or only those `prediction_order` puts first."""
 
     def draw(labels):
         order = prediction_order(true, predicted, confidence)[:max_images]
@@ -329,7 +329,7 @@ def draw_predictions(output_dir, images, true, predicted, confidence, class_name
             colours.append(colour)
         return _grid_figure([images[i] for i in order], captions, colours)
 
-    return _save_picture(Path(output_dir) / "val_predictions.jpg", draw, class_names)
+    return _save_picture(Path(output_dir) / (name or "val_predictions.jpg"), draw, class_names)
 
 
 def draw_batch(output_dir, images, labels, class_names, max_images=32):

@@ -24,11 +24,20 @@ from torch.utils.data import ConcatDataset, DataLoader
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
+import cam
 import cli
 import export
 import run_files
 import train
-from dataset import DataError, MyDataset, collate_skipping_bad, read_csv_rows, read_images, read_labels
+from dataset import (
+    DataError,
+    MyDataset,
+    collate_skipping_bad,
+    read_csv_rows,
+    read_images,
+    read_labels,
+    resolve_image_path,
+)
 from run_files import UsageError, one_line
 
 
@@ -47,6 +56,10 @@ def get_args_parser():
     parser.add_argument(
         "--amp", choices=["auto", "bf16", "fp16", "off"], default="off", help="mixed precision (default: exact fp32)"
     )
+    parser.add_argument(
+        "--cam", metavar="DIR", help="also write Grad-CAM overlays and heat maps of each image into DIR"
+    )
+    parser.add_argument("--cam-class", metavar="NAME", help="with --cam, map this class instead of the predicted one")
     parser.add_argument("--image-col", default="image", help="column of image paths in CSV inputs")
     parser.add_argument("--root", default=None, help="folder CSV image paths are relative to (default: the CSV's)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: fitted)")
@@ -96,17 +109,29 @@ def unlabelled(paths):
 
 
 def load_predictor(path, args):
-    """(a function from a uint8 image batch to class probabilities, the model's preprocessing and classes)."""
+    """(a function from a uint8 image batch to (class probabilities, Grad-CAM maps or None), the model's
+    preprocessing and classes, the device)."""
     if Path(path).suffix.lower() == ".onnx":
+        if args.cam:
+            raise UsageError(f"--cam needs a .pt checkpoint: {path} is ONNX, which has no gradients to map")
         return load_onnx_predictor(path, args)
     device = train.choose_device(args.device)
     checkpoint = run_files.load_run_checkpoint(path, "checkpoint")  # weights_only=True: never runs pickled code
     ctx = train.make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     model = train.model_from_checkpoint(checkpoint, f"checkpoint {path}", ctx)
+    grad_cam = None
+    if args.cam:
+        class_names = list(checkpoint["class_names"])
+        if args.cam_class is not None and args.cam_class not in class_names:
+            raise UsageError(f"--cam-class {args.cam_class}: not a class of {path} ({', '.join(class_names[:10])})")
+        target = None if args.cam_class is None else class_names.index(args.cam_class)
+        grad_cam = cam.GradCam(model, checkpoint["model_name"], checkpoint["image_size"], target)
 
     def probabilities(images):
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            return model(train.to_device(images, ctx)).float().softmax(1).cpu()
+            if grad_cam is not None:
+                return grad_cam.maps(train.to_device(images, ctx))  # the same forward gives both
+            return model(train.to_device(images, ctx)).float().softmax(1).cpu(), None
 
     return probabilities, checkpoint, device
 
@@ -145,15 +170,55 @@ def load_onnx_predictor(path, args):
         # The same arithmetic as train.to_device, so the model sees the same numbers as from best.pt.
         batch = images.float().div_(255).sub_(mean).div_(std).contiguous()
         logits = session.run([output_name], {input_name: batch.numpy()})[0]
-        return torch.from_numpy(logits).float().softmax(1)
+        return torch.from_numpy(logits).float().softmax(1), None
 
     return probabilities, info, device
+
+
+class CamFiles:
+    """--cam DIR: for each image, DIR/<name>_cam.jpg (the image as the model saw it with the heat map blended
+    on, the mapped class and its probability written on it) and DIR/<name>_heat.png (the map alone in the
+    original file's upright pixel grid, 255 = hottest, 0 where the centre crop cut it off). <name> is the file
+    name without its extension, with the row number added when two images share one."""
+
+    def __init__(self, folder, groups, class_names, checkpoint, cam_class=None):
+        self.folder, self.class_names, self.checkpoint = Path(folder), class_names, checkpoint
+        self.target = None if cam_class is None else class_names.index(cam_class)
+        self.paths = [
+            resolve_image_path(root, image) if root is not None else Path(image)
+            for samples, root in groups
+            for image in samples["image"]
+        ]
+        stems = [path.stem for path in self.paths]
+        repeated = {stem for stem in stems if stems.count(stem) > 1}
+        self.names = [f"{stem}_{row}" if stem in repeated else stem for row, stem in enumerate(stems)]
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--cam {folder}: cannot create it ({e.strerror or e})") from None
+
+    def write(self, rows, images, probabilities, maps):
+        sizes = (self.checkpoint["resize_size"], self.checkpoint["image_size"])
+        for row, image, probs, heat in zip(rows, cam.overlay(images, maps), probabilities, maps):
+            mapped = int(probs.argmax()) if self.target is None else self.target
+            overlay = cam.captioned(image, f"{self.class_names[mapped]} {float(probs[mapped]):.0%}")
+            self.save(f"{self.names[row]}_cam.jpg", overlay, "JPEG")
+            self.save(
+                f"{self.names[row]}_heat.png",
+                cam.in_original_grid(heat, cam.upright_size(self.paths[row]), *sizes),
+                "PNG",
+            )
+
+    def save(self, name, picture, image_format):
+        run_files.write_atomically(self.folder / name, lambda f: picture.save(f, image_format, quality=90))
 
 
 def main(args):
     for flag, value, least in (("--topk", args.topk, 1), ("--batch-size", args.batch_size, 1)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if args.cam_class is not None and not args.cam:
+        raise UsageError("--cam-class chooses the class --cam maps; add --cam DIR")
     if args.workers is not None and args.workers < 0:
         raise UsageError(f"--workers must not be negative, got {args.workers}")
     groups = collect_images(args.images, args.image_col, args.root)  # first: input mistakes show up at once
@@ -180,13 +245,17 @@ def main(args):
     )
 
     predicted = []  # (item index, probabilities)
-    with torch.inference_mode():
+    cam_files = CamFiles(args.cam, groups, class_names, checkpoint, args.cam_class) if args.cam else None
+    with torch.inference_mode(not args.cam):  # Grad-CAM needs gradients
         bar = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
         for images, rows, bad in bar:
             for image in bad:
                 tqdm.write(f"warning: skipping {image.image}: {image.reason}", file=sys.stderr)
             if images is not None:
-                predicted += zip(rows.tolist(), probabilities(images))
+                batch_probabilities, maps = probabilities(images)
+                predicted += zip(rows.tolist(), batch_probabilities)
+                if cam_files is not None:
+                    cam_files.write(rows.tolist(), images, batch_probabilities, maps)
     if not predicted:
         raise DataError(f"none of the {len(items)} images could be read")
 

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRan
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import cam
 import cli
 import dataset
 import duplicates
@@ -811,6 +812,9 @@ def main(args, argv=None):
         if ctx.is_main:
             print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {best_path}")
             run_files.write_report(output_dir, best_predictions, val_data, f"validation report of {best_path}")
+            cam.draw_val_cam(
+                output_dir, best_path, model, args.model, lambda x: to_device(x, ctx), best_predictions, val_data
+            )
             if test_data is not None:
                 run_files.write_report(output_dir, test_predictions, test_data, f"test report of {best_path}", "test_")
     return 0

@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import cam  # noqa: E402
 import plots  # noqa: E402
 import train  # noqa: E402
 
@@ -92,3 +93,4 @@ def no_pictures(request, monkeypatch):
         for name in ("draw_results", "draw_confusion_matrix", "draw_roc", "draw_calibration", "draw_predictions",
                      "draw_batch"):  # fmt: skip
             monkeypatch.setattr(plots, name, lambda *args, **kwargs: True)
+        monkeypatch.setattr(cam, "draw_val_cam", lambda *args, **kwargs: True)
