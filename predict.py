@@ -13,6 +13,7 @@ Inference is fp32 unless --amp asks otherwise, so best.pt and best.onnx give the
 """
 
 import argparse
+import collections
 import csv
 import io
 import sys
@@ -190,7 +191,7 @@ class CamFiles:
             for image in samples["image"]
         ]
         stems = [path.stem for path in self.paths]
-        repeated = {stem for stem in stems if stems.count(stem) > 1}
+        repeated = {stem for stem, count in collections.Counter(stems).items() if count > 1}
         self.names = [f"{stem}_{row}" if stem in repeated else stem for row, stem in enumerate(stems)]
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
