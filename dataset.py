@@ -329,8 +329,8 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
     Refuses a single class, val/test labels that are not classes, and a --val-csv whose images are all --csv
     images; warns when a group is in two parts, or when the CSV has a column that looks like a grouping."""
     everything, val_set, test_set = read_image_sets(*sources)
-    if "group" not in everything.samples and sources[1] and group_like_column(sources[1]):
-        column = group_like_column(sources[1])
+    column = group_like_column(sources[1]) if sources[1] and "group" not in everything.samples else None
+    if column:  # sources[1] is --csv
         print(
             f"hint: {sources[1]} has a column {column!r}; if it names the patient or subject of each image, pass "
             f"--group-col {column} so that none is in both train and validation",
