@@ -291,7 +291,7 @@ def report_text(title, loss, rows, confusion, class_names):
     columns = ("precision", "recall", "specificity", "f1", "auc")
     table_rows = [row for row in rows if row["label"] in (*class_names, "macro avg", "weighted avg")]
     width = max(12, *(display_width(row["label"]) for row in table_rows))
-    count = len(confusion) and int(confusion.sum())
+    count = int(confusion.sum())
     lines = [f"\n{title}: {count} images, loss {loss:.3f}"]
     lines.append(f"{'':>{width}}  " + "  ".join(f"{c:>11}" for c in columns) + f"  {'support':>7}")
     for row in table_rows:
