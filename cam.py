@@ -40,15 +40,14 @@ def target_layer(model, model_name, image_size):
     computes: layer4 of a ResNet, features of a VGG, DenseNet or EfficientNet."""
     if model_name.startswith(TOKEN_MODELS):
         raise UsageError(f"--cam: {model_name} works on patch tokens, not a feature map; Grad-CAM needs a CNN")
-    finished = []  # (name, module) in the order their forward returned a spatial map
-    names = {module: name for name, module in model.named_modules() if name}
+    finished = []  # modules, in the order their forward returned a spatial map
 
     def record(module, inputs, output):
         pooling = isinstance(module, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d))  # VGG's: 7x7 whatever the size
         if isinstance(output, torch.Tensor) and output.dim() == 4 and min(output.shape[2:]) > 1 and not pooling:
             finished.append(module)
 
-    hooks = [module.register_forward_hook(record) for module in names]
+    hooks = [module.register_forward_hook(record) for name, module in model.named_modules() if name]
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
@@ -106,7 +105,7 @@ def in_original_grid(heat, original_size, resize_size, crop_size):
     canvas[max(top, 0) : top + crop_size, max(left, 0) : left + crop_size] = heat[
         max(-top, 0) : height - top, max(-left, 0) : width - left
     ]
-    grey = Image.fromarray((canvas * 255).round().to(torch.uint8).numpy(), mode="L")
+    grey = Image.fromarray((canvas * 255).round().to(torch.uint8).numpy())  # 2-D uint8: mode L
     return grey.resize(original_size, Image.Resampling.BILINEAR)
 
 
