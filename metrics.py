@@ -49,16 +49,23 @@ class Predictions:
 def epoch_scores(predictions):
     """The numbers each epoch records (metrics.csv) and --best-metric chooses by: loss, accuracy, macro-F1,
     macro AUC (NaN when no class has both positive and negative images)."""
-    count = max(len(predictions), 1)
-    # at least 0: a log-probability that rounds above 0 would print a loss of -0.000
-    loss = max(0.0, -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item() / count)
     scores = class_scores(predictions)
     return {
-        "val_loss": loss,
-        "val_acc": (predictions.predicted == predictions.labels).sum().item() / count,
+        "val_loss": mean_loss(predictions),
+        "val_acc": accuracy(predictions),
         "val_macro_f1": macro_average(scores, "f1"),
         "val_auc": macro_average(scores, "auc"),
     }
+
+
+def mean_loss(predictions):
+    """The plain cross-entropy over the images, comparable across training settings."""
+    total = -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item()
+    return max(0.0, total / max(len(predictions), 1))  # a log-probability rounding above 0 would print -0.000
+
+
+def accuracy(predictions):
+    return (predictions.predicted == predictions.labels).sum().item() / max(len(predictions), 1)
 
 
 def class_scores(predictions):
@@ -246,7 +253,7 @@ def report(predictions, class_names):
         rows.append({"label": label, "support": count, **averages})
     intervals = bootstrap_intervals(predictions)
     summary = {
-        "accuracy": (epoch_scores(predictions)["val_acc"], intervals["accuracy"]),
+        "accuracy": (accuracy(predictions), intervals["accuracy"]),
         "macro f1": (macro_average(scores, "f1"), intervals["macro_f1"]),
         "macro auc": (macro_average(scores, "auc"), intervals["macro_auc"]),
         "ece": (expected_calibration_error(predictions), (None, None)),

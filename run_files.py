@@ -360,8 +360,7 @@ def write_report(output_dir, predictions, data, title, prefix=""):
 
     class_names = data.class_names
     rows, confusion = metrics.report(predictions, class_names)
-    loss = metrics.epoch_scores(predictions)["val_loss"]
-    print(metrics.report_text(title, loss, rows, confusion, class_names), flush=True)
+    print(metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names), flush=True)
     write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.REPORT_COLUMNS, rows)
     header = ["true\\predicted", *class_names]
     matrix_rows = [dict(zip(header, [name, *counts])) for name, counts in zip(class_names, confusion.tolist())]
