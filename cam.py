@@ -138,16 +138,12 @@ def draw_val_cam(output_dir, best_path, model, model_name, to_device, prediction
 
     try:
         model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
-        order = plots.prediction_order(predictions.labels, predictions.predicted, predictions.confidence)
-        chosen = order[:max_images]
-        images = torch.stack([data[i][0] for i in predictions.indices[chosen].tolist()])
-        grad_cam = GradCam(model, model_name, images.shape[-1], target=predictions.predicted[chosen])
+        images, true, predicted, confidence = plots.worth_seeing(predictions, data, max_images)
+        images = torch.stack(images)
+        grad_cam = GradCam(model, model_name, images.shape[-1], target=predicted)
         _, maps = grad_cam.maps(to_device(images))
     except Exception as e:
         print(f"warning: could not draw val_cam.jpg ({type(e).__name__}: {run_files.one_line(e)})", file=sys.stderr)
         return False
-    true, predicted, confidence = (
-        x[chosen] for x in (predictions.labels, predictions.predicted, predictions.confidence)
-    )
     return plots.draw_predictions(output_dir, overlay(images, maps), true, predicted, confidence, data.class_names,
                                   name="val_cam.jpg")  # fmt: skip

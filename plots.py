@@ -314,6 +314,14 @@ def prediction_order(true, predicted, confidence):
     )
 
 
+def worth_seeing(predictions, data, count=32):
+    """(uint8 images, true, predicted, confidence) of the `count` evaluated images `prediction_order` puts
+    first (metrics.Predictions), the images read again from the MyDataset `data` as the model saw them."""
+    chosen = prediction_order(predictions.labels, predictions.predicted, predictions.confidence)[:count]
+    images = [data[i][0] for i in predictions.indices[chosen].tolist()]
+    return (images, *(x[chosen] for x in (predictions.labels, predictions.predicted, predictions.confidence)))
+
+
 def draw_predictions(output_dir, images, true, predicted, confidence, class_names, max_images=32, name=None):
     """val_predictions.jpg (or `name`): images as the model saw them (uint8 N×3×H×W, before normalisation) with
     their true label, predicted label and confidence, in `prediction_order`; a green frame and ✓ when right,

@@ -372,12 +372,8 @@ def write_report(output_dir, predictions, data, title, prefix=""):
     plots.draw_roc(output_dir, metrics.roc_curves(predictions), aucs, class_names, prefix)
     ece = next(row["value"] for row in rows if row["label"] == "ece")
     plots.draw_calibration(output_dir, metrics.calibration_bins(predictions), ece, prefix)
-    if not prefix:  # the images most worth looking at, read again from the dataset
-        chosen = plots.prediction_order(predictions.labels, predictions.predicted, predictions.confidence)[:32]
-        images = [data[i][0] for i in predictions.indices[chosen].tolist()]
-        true, predicted, confidence = (x[chosen] for x in (predictions.labels, predictions.predicted,
-                                                           predictions.confidence))  # fmt: skip
-        plots.draw_predictions(output_dir, images, true, predicted, confidence, class_names)
+    if not prefix:
+        plots.draw_predictions(output_dir, *plots.worth_seeing(predictions, data), class_names)
 
 
 def write_predictions(path, predictions, data):
@@ -427,7 +423,7 @@ def write_cv_summary(output_dir, folds):
     header = ["metric", *(f"fold{k}" for k in range(1, folds + 1)), "mean", "sd"]
     write_csv_atomically(Path(output_dir) / "cv_summary.csv", header, rows)
     predictions = [dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in read(d / "val_predictions.csv")]
-    columns = ["fold", *read(fold_dirs[0] / "val_predictions.csv")[0].keys()]
+    columns = ["fold", *(key for key in predictions[0] if key != "fold")]
     write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
     print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
     print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
