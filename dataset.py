@@ -38,36 +38,166 @@ class DataError(Exception):
     """Bad input data. The message is meant for the user, as one line."""
 
 
-def read_labels(csv_path, image_col=None, label_col=None, group_col=None, group_optional=False):
+# Multi-label: the separator of the label sets train.py and its files write ("a;b"), and what a 0/1 column may hold.
+LABEL_SEP = ";"
+UNCERTAIN_POLICIES = ("zero", "one", "ignore")
+
+
+class LabelFormat(NamedTuple):
+    """How a CSV gives each image's labels. Single-label: one label column. Multi-label: a label column whose
+    values are sets joined by `sep` (";" found by itself, an empty value is "no label"), or `columns` ("A,B,C"
+    or "all") of 0/1, one per class, where `uncertain` says what -1 means (CheXpert's "uncertain")."""
+
+    sep: str | None = None
+    columns: str | None = None
+    uncertain: str | None = None
+
+    @property
+    def stated(self):
+        """Whether the flags themselves ask for multi-label."""
+        return self.sep is not None or self.columns is not None
+
+
+DEFAULT_LABELS = LabelFormat()  # the default: one label column, multi-label only when its values hold ";"
+
+
+def read_labels(csv_path, image_col=None, label_col=None, group_col=None, group_optional=False, label_sep=None):
     """Read a CSV of image paths and labels into a DataFrame with columns image, label and line, and group
     with `group_col` (the column of patient or subject ids; with `group_optional`, only where the CSV has it).
 
     `line` is the line number in the file (the header is line 1), so errors and reports can point at it.
     Without explicit column names, `image` and `label` are used, or the only two columns in order.
-    Labels are kept as text so that `1`, `2`, `10` stay what they are.
+    Labels are kept as text so that `1`, `2`, `10` stay what they are. With `label_sep`, each label is a set of
+    labels joined by it (multi-label), kept as the sorted set joined by LABEL_SEP; empty is the empty set.
     """
     header, rows = read_csv_rows(csv_path)
     image_col, label_col = _pick_columns(csv_path, header, image_col, label_col)
     image_at, label_at = header.index(image_col), header.index(label_col)
-    if group_col is not None and group_col not in header and not group_optional:
-        found = ", ".join(repr(name) for name in header)
-        raise DataError(f"{csv_path}: no column {group_col!r} (columns found: {found}); check --group-col")
-    group_at = header.index(group_col) if group_col in header else None
+    group_at = _group_column(csv_path, header, group_col, group_optional)
     records = []
     for line, fields in rows:
         image, label = fields[image_at].strip(), fields[label_at].strip()
         if not image:
             raise DataError(f"{csv_path} line {line}: empty '{image_col}'; give every row an image path")
-        if label.lower() in MISSING_LABELS:
+        if label_sep is not None:
+            label = _label_set(csv_path, line, label.split(label_sep))
+        elif label.lower() in MISSING_LABELS:
             raise DataError(
-                f"{csv_path} line {line}: missing label ({label!r}) for {image}; fill it in or drop the row"
+                f"{csv_path} line {line}: missing label ({label!r}) for {image}; fill it in or drop the row "
+                "(multi-label data, where empty is no label: pass --label-sep ';')"
             )
-        group = fields[group_at].strip() if group_at is not None else None
-        if group_at is not None and group.lower() in MISSING_LABELS:
-            raise DataError(f"{csv_path} line {line}: empty {group_col!r} for {image}; give every image its group")
-        records.append((image.replace("\\", "/"), label, line) + ((group,) if group_at is not None else ()))
+        records.append(
+            (image.replace("\\", "/"), label, line) + _group_of(csv_path, line, fields, group_at, image, group_col)
+        )
     samples = pd.DataFrame(records, columns=["image", "label", "line"] + (["group"] if group_at is not None else []))
     return _drop_duplicates(csv_path, samples)
+
+
+def read_label_columns(csv_path, columns, uncertain=None, image_col=None, group_col=None, group_optional=False):
+    """(samples, classes) from a CSV with one 0/1 column per class (--label-cols "A,B,C", or "all": every
+    column but the image and group columns): samples as read_labels gives them for multi-label, with an
+    `ignored` column (the classes whose value is unknown, for --uncertain ignore). A value must be 1, 0 or
+    empty (0); -1 is uncertain: an error unless `uncertain` is zero, one or ignore."""
+    header, rows = read_csv_rows(csv_path)
+    found = ", ".join(repr(name) for name in header)
+    image_col = image_col or ("image" if "image" in header else header[0])
+    if image_col not in header:
+        raise DataError(f"{csv_path}: no column {image_col!r} (columns found: {found}); name it with --image-col")
+    if columns == "all":
+        classes = [name for name in header if name not in (image_col, group_col)]
+    else:
+        classes = [name.strip() for name in columns.split(",") if name.strip()]
+    for name in classes:
+        if name not in header:
+            raise DataError(f"{csv_path}: no column {name!r} (columns found: {found}); check --label-cols")
+    if not classes:
+        raise DataError(f"{csv_path}: --label-cols {columns} names no label column (columns found: {found})")
+    group_at = _group_column(csv_path, header, group_col, group_optional)
+    at = [header.index(name) for name in classes]
+    records = []
+    for line, fields in rows:
+        image = fields[header.index(image_col)].strip()
+        if not image:
+            raise DataError(f"{csv_path} line {line}: empty '{image_col}'; give every row an image path")
+        positive, ignored = [], []
+        for name, column in zip(classes, at):
+            value = _label_value(csv_path, line, name, fields[column].strip(), uncertain)
+            if value == 1:
+                positive.append(name)
+            elif value is None:
+                ignored.append(name)
+        label, ignored = _label_set(csv_path, line, positive), LABEL_SEP.join(ignored)
+        records.append(
+            (image.replace("\\", "/"), label, line, ignored)
+            + _group_of(csv_path, line, fields, group_at, image, group_col)
+        )
+    names = ["image", "label", "line", "ignored"] + (["group"] if group_at is not None else [])
+    return _drop_duplicates(csv_path, pd.DataFrame(records, columns=names)), classes
+
+
+def _label_value(csv_path, line, column, text, uncertain):
+    """1 or 0 for a 0/1 column's value, None for an uncertain one that --uncertain ignore leaves out."""
+    try:
+        value = float(text) if text else 0.0  # pandas writes 1.0 and 0.0; CheXpert leaves blanks
+    except ValueError:
+        value = float("nan")
+    if value == -1:
+        if uncertain is None:
+            raise DataError(
+                f"{csv_path} line {line}: column {column!r} is {text} (uncertain); "
+                "choose what it means with --uncertain zero, one or ignore"
+            )
+        return {"zero": 0, "one": 1, "ignore": None}[uncertain]
+    if value not in (0, 1):
+        raise DataError(f"{csv_path} line {line}: column {column!r} is {text!r}; a label column holds 1, 0 or empty")
+    return int(value)
+
+
+def _label_set(csv_path, line, labels):
+    """A label set as one string: its distinct non-empty labels sorted and joined by LABEL_SEP."""
+    labels = sorted({label.strip() for label in labels} - {""})
+    bad = next((label for label in labels if LABEL_SEP in label), None)
+    if bad is not None:
+        raise DataError(f"{csv_path} line {line}: label {bad!r} contains {LABEL_SEP!r}; rename it")
+    return LABEL_SEP.join(labels)
+
+
+def label_set(text):
+    """The labels of a multi-label sample's `label` (or `ignored`) value: 'a;b' -> ['a', 'b'], '' -> []."""
+    return text.split(LABEL_SEP) if text else []
+
+
+def label_matrix(samples, class_names=None):
+    """(N, C) float32 multi-hot targets of multi-label samples: 1 for each label, 0 for the others, NaN where
+    the value is unknown (--uncertain ignore). Classes: `class_names`, else the labels found, sorted."""
+    sets = [label_set(text) for text in samples["label"]]
+    if class_names is None:
+        class_names = sorted({name for labels in sets for name in labels})
+    index_of = {name: i for i, name in enumerate(class_names)}
+    targets = np.zeros((len(sets), len(class_names)), dtype=np.float32)
+    for row, labels in enumerate(sets):
+        targets[row, [index_of[name] for name in labels]] = 1
+    if "ignored" in samples:
+        for row, text in enumerate(samples["ignored"]):
+            targets[row, [index_of[name] for name in label_set(text)]] = np.nan
+    return targets
+
+
+def _group_column(csv_path, header, group_col, group_optional):
+    if group_col is not None and group_col not in header and not group_optional:
+        found = ", ".join(repr(name) for name in header)
+        raise DataError(f"{csv_path}: no column {group_col!r} (columns found: {found}); check --group-col")
+    return header.index(group_col) if group_col in header else None
+
+
+def _group_of(csv_path, line, fields, group_at, image, group_col):
+    """(group,) of a CSV row, or () without a group column."""
+    if group_at is None:
+        return ()
+    group = fields[group_at].strip()
+    if group.lower() in MISSING_LABELS:
+        raise DataError(f"{csv_path} line {line}: empty {group_col!r} for {image}; give every image its group")
+    return (group,)
 
 
 def group_like_column(csv_path):
@@ -282,11 +412,14 @@ def image_folders(data_dir):
 
 class ImageSet(NamedTuple):
     """Labelled images: `samples` (columns image, label, line, and size once checked), the folder their paths
-    are relative to, and what messages call them (the CSV, or the --data folder)."""
+    are relative to, and what messages call them (the CSV, or the --data folder). Multi-label: each label is
+    a set (see read_labels), and `classes` the CSV's label columns when it has them."""
 
     samples: pd.DataFrame
     root: Path
     source: str
+    multi_label: bool = False
+    classes: tuple = ()
 
 
 def read_image_sets(
@@ -301,16 +434,21 @@ def read_image_sets(
     label_col=None,
     group_col=None,
     group_pattern=None,
+    label_format=DEFAULT_LABELS,
 ):
     """The labelled images that --data or the CSV flags name: (all, val, test) ImageSets, where val and test
     are None when not given (the caller splits `all`). val and test paths are relative to `root` by default.
-    With `group_col` (CSV) or `group_pattern` (on file names), the samples have a group column."""
+    With `group_col` (CSV) or `group_pattern` (on file names), the samples have a group column. The first
+    CSV decides whether the labels are multi-label (see LabelFormat); the others are read the same way."""
     if data:
         image_sets = [ImageSet(s, Path(data), str(data)) if s is not None else None for s in image_folders(data)]
     else:
         parts = ((csv, root, False), (val_csv, val_root or root, True), (test_csv, test_root or root, True))
+        sep = label_format.sep
+        if sep is None and not label_format.columns and csv and label_col_holds(csv, image_col, label_col, LABEL_SEP):
+            sep = LABEL_SEP
         image_sets = [
-            ImageSet(read_labels(path, image_col, label_col, group_col, optional), Path(folder), str(path))
+            _read_image_set(path, Path(folder), image_col, label_col, group_col, optional, label_format, sep)
             if path
             else None
             for path, folder, optional in parts
@@ -322,13 +460,31 @@ def read_image_sets(
     return tuple(image_sets)
 
 
-def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False, folds=None, fold=None):
+def _read_image_set(path, folder, image_col, label_col, group_col, group_optional, label_format, sep):
+    if label_format.columns:
+        columns, uncertain = label_format.columns, label_format.uncertain
+        samples, classes = read_label_columns(path, columns, uncertain, image_col, group_col, group_optional)
+        return ImageSet(samples, folder, str(path), True, tuple(classes))
+    samples = read_labels(path, image_col, label_col, group_col, group_optional, sep)
+    return ImageSet(samples, folder, str(path), sep is not None)
+
+
+def label_col_holds(csv_path, image_col, label_col, sep):
+    """Whether some value of the CSV's label column contains `sep`: multi-label, found by itself."""
+    header, rows = read_csv_rows(csv_path)
+    at = header.index(_pick_columns(csv_path, header, image_col, label_col)[1])
+    return any(sep in fields[at] for _, fields in rows)
+
+
+def labelled_image_sets(
+    *sources, val_split, seed, method="auto", skip_bad=False, folds=None, fold=None, label_format=DEFAULT_LABELS
+):
     """(train, val, test, class_names, split_method): the ImageSets read_image_sets(*sources) reads, every image
     checked (see `checked`), the classes those of the training images. Without a validation CSV or folder,
     validation is `val_split` of the images (see split_samples), whole groups at a time when there are groups.
     Refuses a single class, val/test labels that are not classes, and a --val-csv whose images are all --csv
     images; warns when a group is in two parts, or when the CSV has a column that looks like a grouping."""
-    everything, val_set, test_set = read_image_sets(*sources)
+    everything, val_set, test_set = read_image_sets(*sources, label_format=label_format)
     column = group_like_column(sources[1]) if sources[1] and "group" not in everything.samples else None
     if column:  # sources[1] is --csv
         print(
@@ -336,9 +492,7 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
             f"--group-col {column} so that none is in both train and validation",
             file=sys.stderr,
         )
-    class_names = sorted_class_names(everything.samples["label"])
-    if len(class_names) < 2:
-        raise DataError(f"{everything.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    class_names = classes_of(everything)
     for part in (val_set, test_set):
         if part is not None:
             check_labels(part, class_names)
@@ -356,6 +510,21 @@ def labelled_image_sets(*sources, val_split, seed, method="auto", skip_bad=False
         groups = pd.concat([part.samples["group"] for part in (train_set, val_set, test_set) if part is not None])
         method = f"grouped by {sources[9] or 'pattern'}: {groups.nunique()} groups, {method}"  # sources[9]: group_col
     return train_set, val_set, test_set, class_names, method
+
+
+def classes_of(image_set):
+    """The classes of the (training) images: their labels sorted, or a multi-label CSV's label columns."""
+    if image_set.multi_label:
+        class_names = list(image_set.classes) or sorted_class_names(
+            {name for text in image_set.samples["label"] for name in label_set(text)}
+        )
+        if not class_names:
+            raise DataError(f"{image_set.source}: no image has a label; a multi-label classifier needs at least 1")
+        return class_names
+    class_names = sorted_class_names(image_set.samples["label"])
+    if len(class_names) < 2:
+        raise DataError(f"{image_set.source}: only one class ({class_names[0]!r}); a classifier needs at least 2")
+    return class_names
 
 
 def warn_shared_groups(parts):
@@ -376,9 +545,13 @@ def warn_shared_groups(parts):
                 )
 
 
-def evaluation_image_set(csv, root, class_names, image_col=None, label_col=None, skip_bad=False):
+def evaluation_image_set(
+    csv, root, class_names, image_col=None, label_col=None, skip_bad=False, label_format=DEFAULT_LABELS
+):
     """A CSV's labelled images to evaluate a trained model on: its labels among `class_names`, every image checked."""
-    image_set = read_image_sets(csv=csv, root=root, image_col=image_col, label_col=label_col)[0]
+    image_set = read_image_sets(
+        csv=csv, root=root, image_col=image_col, label_col=label_col, label_format=label_format
+    )[0]
     check_labels(image_set, class_names)
     return checked(image_set, skip_bad)
 
@@ -391,17 +564,19 @@ def split_samples(image_set, val_split, seed, method, folds=None, fold=None):
     """
     samples = image_set.samples
     generator = torch.Generator().manual_seed(seed)
-    counts = samples["label"].value_counts()
+    # Multi-label: the multi-hot rows, stratified per class by assign_groups with every image its own group.
+    labels = np.nan_to_num(label_matrix(samples)) if image_set.multi_label else samples["label"]
+    counts = pd.Series(labels.sum(0)) if image_set.multi_label else samples["label"].value_counts()
     if method == "auto":
         method = "stratified" if counts.min() >= 2 else "random"
     is_val = np.zeros(len(samples), dtype=bool)
     if folds:  # each image (or group) in one fold: assign_groups with every image its own group when ungrouped
         groups = samples["group"] if "group" in samples else np.arange(len(samples))
-        is_val = assign_groups(samples["label"], groups, [1 / folds] * folds, seed, method == "stratified") == fold - 1
+        is_val = assign_groups(labels, groups, [1 / folds] * folds, seed, method == "stratified") == fold - 1
         method = f"fold {fold} of {folds}, {method}"
-    elif "group" in samples:
-        fractions = [1 - val_split, val_split]
-        is_val = assign_groups(samples["label"], samples["group"], fractions, seed, method == "stratified") == 1
+    elif "group" in samples or (image_set.multi_label and method == "stratified"):
+        groups = samples["group"] if "group" in samples else np.arange(len(samples))
+        is_val = assign_groups(labels, groups, [1 - val_split, val_split], seed, method == "stratified") == 1
     elif method == "random":
         order = torch.randperm(len(samples), generator=generator).numpy()
         train_size = int(len(samples) * (1 - val_split))
@@ -431,9 +606,14 @@ def assign_groups(labels, groups, fractions, seed, stratified=True):
     stratified as the groups allow. The same seed and samples give the same parts."""
     labels = np.asarray(labels) if stratified else np.zeros(len(labels), dtype=int)
     group_names, group_of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
-    _, class_of = np.unique(labels, return_inverse=True)
-    counts = np.zeros((len(group_names), class_of.max() + 1))  # images of each class in each group
-    np.add.at(counts, (group_of, class_of), 1)
+    if labels.ndim == 2:  # multi-hot rows: the images without any label count as a class of their own
+        membership = np.column_stack([labels, labels.sum(1) == 0]).astype(float)
+        membership = membership[:, membership.sum(0) > 0]
+    else:
+        _, class_of = np.unique(labels, return_inverse=True)
+        membership = np.eye(class_of.max() + 1)[class_of]
+    counts = np.zeros((len(group_names), membership.shape[1]))  # images of each class in each group
+    np.add.at(counts, group_of, membership)
     order = np.random.default_rng(seed).permutation(len(group_names))
     order = order[np.argsort(-counts[order].sum(1), kind="stable")]
     class_totals = counts.sum(0)
@@ -451,7 +631,11 @@ def assign_groups(labels, groups, fractions, seed, stratified=True):
 
 def check_labels(image_set, class_names):
     """Refuse labels that are not among the (training) classes."""
-    unknown = sorted(set(image_set.samples["label"]) - set(class_names))
+    if image_set.multi_label and image_set.classes and set(image_set.classes) != set(class_names):
+        raise DataError(f"{image_set.source}: its label columns are not the training CSV's ({', '.join(class_names)})")
+    labels = image_set.samples["label"]
+    found = {name for text in labels for name in label_set(text)} if image_set.multi_label else set(labels)
+    unknown = sorted(found - set(class_names))
     if unknown:
         raise DataError(f"{image_set.source}: labels not among the training classes: {', '.join(unknown[:5])}")
 
@@ -689,7 +873,8 @@ class BadImage(NamedTuple):
 
 
 class MyDataset(Dataset):
-    """The images listed in a CSV (see `read_labels`), with labels as class indices.
+    """The images listed in a CSV (see `read_labels`), with labels as class indices, or as multi-hot rows with
+    `multi_label`.
 
     An image that fails to decode yields `(BadImage, label)` instead of raising, so the training loop can
     decide what to do with it (stop, or skip it) wherever the loading ran, DataLoader workers included.
@@ -697,15 +882,18 @@ class MyDataset(Dataset):
     (see `reduce_on_load`): 2 * the crop size for RandomResizedCrop, the Resize size for validation.
     """
 
-    def __init__(self, samples, root, class_names, transform=None, short_side=None):
+    def __init__(self, samples, root, class_names, transform=None, short_side=None, multi_label=False):
         self.root = Path(root) if root is not None else None  # None: image paths are used as they are
         self.images = list(samples["image"])
         self.lines = list(samples["line"])
         self.sizes = list(samples["size"]) if "size" in samples else None  # (width, height) once checked
         self.class_names = list(class_names)
+        self.multi_label = multi_label
         index_of = {name: i for i, name in enumerate(class_names)}
-        # -1 for an unlabelled image (prediction)
-        self.targets = [-1 if label is None else index_of[label] for label in samples["label"]]
+        if multi_label:  # (N, C) float32 multi-hot rows, NaN where unknown (see label_matrix)
+            self.targets = label_matrix(samples, self.class_names)
+        else:  # -1 for an unlabelled image (prediction)
+            self.targets = [-1 if label is None else index_of[label] for label in samples["label"]]
         self.transform = transform
         self.short_side = short_side
         self.cache = None

@@ -5,11 +5,12 @@
     python export.py runs/exp1/best.pt --out deploy/model.onnx
 
 The exported model takes a float32 batch of shape (N, 3, image_size, image_size), any N, already
-preprocessed, and returns logits (N, classes); softmax gives the probabilities. The file carries everything a
-consumer needs as one JSON value: the class names, image_size, resize_size, mean and std (ONNX: the model's
-metadata_props entry "classifier"; .pt2: the extra file "classifier.json"). Preprocessing: convert to RGB,
-resize the shorter side to resize_size (bilinear, antialiased), centre-crop image_size, scale to [0, 1],
-subtract mean and divide by std per channel.
+preprocessed, and returns logits (N, classes); softmax gives the probabilities (a multi-label model: sigmoid
+per class, and a class is predicted when its probability reaches its threshold in "thresholds"). The file
+carries everything a consumer needs as one JSON value: the class names, image_size, resize_size, mean and std,
+multi_label and thresholds (ONNX: the model's metadata_props entry "classifier"; .pt2: the extra file
+"classifier.json"). Preprocessing: convert to RGB, resize the shorter side to resize_size (bilinear,
+antialiased), centre-crop image_size, scale to [0, 1], subtract mean and divide by std per channel.
 
 After writing, the export checks itself: ONNX Runtime (or the reloaded .pt2) and PyTorch run the same random
 batches of 1 and 3 images, and the largest difference relative to the largest logit must stay under 1e-3;
@@ -73,6 +74,8 @@ def metadata_of(checkpoint):
         "resize_size": int(checkpoint["resize_size"]),
         "mean": [float(x) for x in checkpoint["mean"]],
         "std": [float(x) for x in checkpoint["std"]],
+        "multi_label": bool(checkpoint.get("multi_label", False)),  # sigmoid per class instead of softmax
+        "thresholds": checkpoint.get("thresholds"),  # multi-label: predicted when probability >= threshold
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "preprocessing": "RGB; resize the shorter side to resize_size (bilinear, antialiased); centre-crop "

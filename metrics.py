@@ -1,6 +1,8 @@
 """Everything computed from a run's per-image predictions: the confusion matrix, per-class scores (precision,
 recall, specificity, F1, one-vs-rest ROC AUC), accuracy and top-k, expected calibration error, 95% bootstrap
-intervals, and the classification report's text.
+intervals, and the classification report's text. Multi-label predictions (one probability per class, several
+classes per image) have their own scores: per class average precision, ROC AUC and F1 at a threshold chosen on
+the validation images, and mAP, micro/macro F1 and exact-match accuracy over them (see `label_report`).
 
 The point estimates come from torchmetrics (imported when first needed: it takes seconds to import, and
 predict.py and export.py never need it). The bootstrap re-weights the evaluated images instead of copying them:
@@ -19,19 +21,27 @@ ECE_BINS = 15
 BOOTSTRAP_RESAMPLES = 1000
 BOOTSTRAP_SEED = 0
 REPORT_COLUMNS = ["label", "support", "precision", "recall", "specificity", "f1", "auc", "value", "ci_low", "ci_high"]
+LABEL_REPORT_COLUMNS = ["label", "support", "precision", "recall", "f1", "ap", "auc", "threshold", "value"]
+DEFAULT_THRESHOLD = 0.5  # a class without positive validation images keeps it
 
 
 @dataclass
 class Predictions:
     """What a model said of each evaluated image, in dataset order: dataset indices, true classes (N,) and
-    log-probabilities (N, C). Images that could not be decoded are not in it."""
+    log-probabilities (N, C). Images that could not be decoded are not in it. Multi-label: `labels` are (N, C)
+    multi-hot rows (NaN where unknown), `logits` the model's outputs and log_probabilities their log-sigmoid."""
 
     indices: torch.Tensor
     labels: torch.Tensor
     log_probabilities: torch.Tensor
+    logits: torch.Tensor | None = None
 
     def __len__(self):
         return len(self.labels)
+
+    @property
+    def multi_label(self):
+        return self.labels.ndim == 2
 
     @property
     def probabilities(self):
@@ -46,9 +56,19 @@ class Predictions:
         return self.log_probabilities.max(1).values.exp()
 
 
-def epoch_scores(predictions):
+def epoch_scores(predictions, thresholds=None):
     """The numbers each epoch records (metrics.csv) and --best-metric chooses by: loss, accuracy, macro-F1,
-    macro AUC (NaN when no class has both positive and negative images)."""
+    macro AUC (NaN when no class has both positive and negative images); multi-label (at `thresholds`): the
+    same, accuracy being exact-match, and mAP."""
+    if predictions.multi_label:
+        summary = label_summary(predictions, label_scores(predictions, thresholds))
+        return {
+            "val_loss": mean_loss(predictions),
+            "val_acc": summary["exact match"],
+            "val_macro_f1": summary["macro f1"],
+            "val_auc": summary["macro auc"],
+            "val_map": summary["map"],
+        }
     scores = class_scores(predictions)
     return {
         "val_loss": mean_loss(predictions),
@@ -59,7 +79,13 @@ def epoch_scores(predictions):
 
 
 def mean_loss(predictions):
-    """The plain cross-entropy over the images, comparable across training settings."""
+    """The plain cross-entropy over the images, comparable across training settings (multi-label: binary
+    cross-entropy, the mean over the known labels)."""
+    if predictions.multi_label:
+        known = ~predictions.labels.isnan()
+        logits, labels = predictions.logits[known].double(), predictions.labels[known].double()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels) if known.any() else 0.0
+        return max(0.0, float(loss))
     total = -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item()
     return max(0.0, total / max(len(predictions), 1))  # a log-probability rounding above 0 would print -0.000
 
@@ -153,16 +179,145 @@ def roc_curves(predictions):
     class has no positive or no negative image."""
     from torchmetrics.functional.classification import binary_roc
 
-    probabilities, labels = predictions.probabilities, predictions.labels
     curves = []
-    for c in range(probabilities.shape[1]):
-        positives = int((labels == c).sum())
-        if 0 < positives < len(labels):
-            fpr, tpr, _ = binary_roc(probabilities[:, c], (labels == c).long())
+    for c in range(predictions.log_probabilities.shape[1]):
+        if predictions.multi_label:
+            probabilities, positive = _known(predictions, c)
+        else:
+            probabilities, positive = predictions.probabilities[:, c], predictions.labels == c
+        if 0 < int(positive.sum()) < len(positive):
+            fpr, tpr, _ = binary_roc(probabilities, positive.long())
             curves.append((fpr.tolist(), tpr.tolist()))
         else:
             curves.append(None)
     return curves
+
+
+# ----------------------------------------------------------------------------------------- multi-label
+
+
+def choose_thresholds(predictions, fixed=None):
+    """Per class, the probability threshold (predicted when probability >= it) with the highest F1 on these
+    predictions, the validation images; DEFAULT_THRESHOLD for a class without positive images; `fixed` for
+    every class when given (--threshold)."""
+    from torchmetrics.functional.classification import binary_precision_recall_curve
+
+    num_classes = predictions.labels.shape[1]
+    if fixed is not None:
+        return [float(fixed)] * num_classes
+    thresholds = []
+    for c in range(num_classes):
+        probabilities, labels = _known(predictions, c)
+        if not labels.any():
+            thresholds.append(DEFAULT_THRESHOLD)
+            continue
+        precision, recall, cuts = binary_precision_recall_curve(probabilities, labels.long())
+        f1 = (2 * precision * recall / (precision + recall)).nan_to_num(0)[:-1]  # the last point has no threshold
+        thresholds.append(float(cuts[int(f1.argmax())]))
+    return thresholds
+
+
+def _known(predictions, c):
+    """(probabilities, bool labels) of class c over the images whose label for it is known."""
+    known = ~predictions.labels[:, c].isnan()
+    return predictions.probabilities[known, c], predictions.labels[known, c] > 0.5
+
+
+def predicted_sets(predictions, thresholds):
+    """(N, C) bool: the classes predicted for each image, those whose probability reaches their threshold."""
+    return predictions.probabilities >= torch.tensor(thresholds)
+
+
+def label_scores(predictions, thresholds):
+    """Per class: support (positive images), precision, recall and F1 at its threshold, average precision and
+    ROC AUC (torchmetrics), and the threshold. Precision is 0 for a class never predicted; AP is NaN without
+    positives, AUC without both positives and negatives."""
+    from torchmetrics.functional.classification import binary_auroc, binary_average_precision
+
+    scores = {key: [] for key in ("support", "tp", "fp", "fn", "precision", "recall", "f1", "ap", "auc")}
+    for c, threshold in enumerate(thresholds):
+        probabilities, positive = _known(predictions, c)
+        predicted = probabilities >= threshold
+        tp, fp, fn = (int(x.sum()) for x in (predicted & positive, predicted & ~positive, ~predicted & positive))
+        support = int(positive.sum())
+        scores["support"].append(support), scores["tp"].append(tp), scores["fp"].append(fp), scores["fn"].append(fn)
+        scores["precision"].append(tp / (tp + fp) if tp + fp else 0.0)
+        scores["recall"].append(tp / support if support else float("nan"))
+        scores["f1"].append(2 * tp / (2 * tp + fp + fn) if support else float("nan"))
+        scores["ap"].append(
+            binary_average_precision(probabilities, positive.long()).item() if support else float("nan")
+        )
+        defined = 0 < support < len(positive)
+        scores["auc"].append(binary_auroc(probabilities, positive.long()).item() if defined else float("nan"))
+    scores["threshold"] = list(thresholds)
+    return scores
+
+
+def label_summary(predictions, scores):
+    """mAP, macro AUC and macro F1 (means over the classes where they are defined), micro F1 (from the counts
+    of all classes together) and exact-match accuracy (every known label of an image right)."""
+    tp, fp, fn = (sum(scores[key]) for key in ("tp", "fp", "fn"))
+    known = ~predictions.labels.isnan()
+    agree = (predicted_sets(predictions, scores["threshold"]) == (predictions.labels > 0.5)) | ~known
+    return {
+        "map": _defined_mean(scores["ap"]),
+        "macro auc": _defined_mean(scores["auc"]),
+        "micro f1": 2 * tp / (2 * tp + fp + fn) if tp + fn else float("nan"),
+        "macro f1": _defined_mean(scores["f1"]),
+        "exact match": agree.all(1).double().mean().item() if len(predictions) else float("nan"),
+    }
+
+
+def _defined_mean(values):
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def pr_curves(predictions):
+    """Per class, (recall, precision) of its precision-recall curve; None where it has no positive image."""
+    from torchmetrics.functional.classification import binary_precision_recall_curve
+
+    curves = []
+    for c in range(predictions.labels.shape[1]):
+        probabilities, positive = _known(predictions, c)
+        if positive.any():
+            precision, recall, _ = binary_precision_recall_curve(probabilities, positive.long())
+            curves.append((recall.tolist(), precision.tolist()))
+        else:
+            curves.append(None)
+    return curves
+
+
+def label_report(predictions, class_names, thresholds):
+    """The multi-label report's rows (LABEL_REPORT_COLUMNS): one per class, the macro average, then one per
+    summary score (label_summary)."""
+    scores = label_scores(predictions, thresholds)
+    columns = ("support", "precision", "recall", "f1", "ap", "auc", "threshold")
+    rows = [{"label": name, **{key: scores[key][c] for key in columns}} for c, name in enumerate(class_names)]
+    present = [row for row in rows if row["support"] > 0]
+    averages = {key: _defined_mean([row[key] for row in present]) for key in ("precision", "recall", "f1", "ap", "auc")}
+    rows.append({"label": "macro avg", "support": sum(scores["support"]), **averages})
+    for label, value in label_summary(predictions, scores).items():
+        rows.append({"label": label, "support": len(predictions), "value": value})
+    return rows
+
+
+def label_report_text(title, loss, rows, class_names):
+    """The console report of a multi-label model: per-class scores, their average and the summary line."""
+    columns = ("precision", "recall", "f1", "ap", "auc", "threshold")
+    table_rows = [row for row in rows if row["label"] in (*class_names, "macro avg")]
+    width = max(12, *(display_width(row["label"]) for row in table_rows))
+    images = next(row["support"] for row in rows if row["label"] == "map")
+    lines = [f"\n{title}: {images} images, loss {loss:.3f}"]
+    lines.append(f"{'':>{width}}  " + "  ".join(f"{c:>9}" for c in columns) + f"  {'support':>7}")
+    for row in table_rows:
+        cells = [f"{row[c]:9.3f}" if np.isfinite(row.get(c, np.nan)) else f"{'-':>9}" for c in columns]
+        lines.append(f"{pad(row['label'], width)}  {'  '.join(cells)}  {row['support']:>7}")
+    summary = {row["label"]: row["value"] for row in rows if "value" in row}
+    names = {"map": "mAP", "macro auc": "macro AUC", "micro f1": "micro-F1", "macro f1": "macro-F1",
+             "exact match": "exact match"}  # fmt: skip
+    lines.append(", ".join(f"{names[k]} {v:.3f}" if np.isfinite(v) else f"{names[k]} n/a" for k, v in summary.items()))
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------- bootstrap

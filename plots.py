@@ -1,5 +1,6 @@
 """Every picture a run or predict.py draws: results.png (curves), confusion_matrix.png, roc.png,
-calibration.png, val_predictions.jpg and train_batch.jpg, and the fonts their class names need.
+calibration.png, pr_curves.png (multi-label), val_predictions.jpg and train_batch.jpg, and the fonts their
+class names need.
 
 A picture is never worth a run: every draw_* function catches its own failure (matplotlib missing, an odd
 value, a full disk), prints one warning line and returns False. matplotlib is imported only when drawing, so
@@ -268,6 +269,39 @@ def _roc_figure(curves, aucs, labels, what):
     return figure
 
 
+def draw_pr_curves(output_dir, curves, aps, class_names, prefix=""):
+    """{prefix}pr_curves.png (multi-label): each class's precision-recall curve with its average precision in
+    the legend (metrics.pr_curves); a class without positive images has none and is named below the plot."""
+    what = prefix.rstrip("_") or "validation"
+    path = Path(output_dir) / f"{prefix}pr_curves.png"
+    return _save_picture(path, lambda labels: _pr_figure(curves, aps, labels, what), class_names)
+
+
+def _pr_figure(curves, aps, labels, what):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.5, 6), layout="constrained")
+    ax = figure.subplots()
+    drawable = [c for c, curve in enumerate(curves) if curve is not None]
+    for c in drawable[:ROC_MAX_CLASSES]:
+        recall, precision = curves[c]
+        ax.step(recall, precision, where="post", linewidth=1.5, label=f"{_shorten(labels[c], 24)} (AP {aps[c]:.3f})")
+    notes = []
+    if drawable[ROC_MAX_CLASSES:]:
+        notes.append("not drawn: " + ", ".join(_shorten(labels[c], 16) for c in drawable[ROC_MAX_CLASSES:][:30]))
+    undefined = [labels[c] for c, curve in enumerate(curves) if curve is None]
+    if undefined:
+        notes.append("no curve (no positive image): " + ", ".join(_shorten(n, 16) for n in undefined))
+    if notes:
+        figure.text(0.01, 0.005, "\n".join(notes), fontsize=7, ha="left", va="bottom", wrap=True)
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall", ylabel="precision",
+           title=f"{what}: precision-recall per class")  # fmt: skip
+    ax.grid(alpha=0.3)
+    if drawable:
+        ax.legend(loc="lower left", fontsize=7 if len(drawable) > 8 else 9)
+    return figure
+
+
 def draw_calibration(output_dir, bins, ece, prefix=""):
     """{prefix}calibration.png: the reliability diagram, accuracy against mean confidence per confidence bin
     (metrics.calibration_bins), with each bin's image count, and the expected calibration error."""
@@ -340,12 +374,50 @@ def draw_predictions(output_dir, images, true, predicted, confidence, class_name
     return _save_picture(Path(output_dir) / (name or "val_predictions.jpg"), draw, class_names)
 
 
+def label_sets_worth_seeing(predictions, thresholds, data, count=32):
+    """(uint8 images, true sets, predicted sets, mistakes) of multi-label predictions (metrics.Predictions,
+    per-class thresholds): the images with a wrong label set first, those furthest off first, then the right
+    ones; sets are lists of class indices, mistakes the count of wrong labels."""
+    import metrics
+
+    predicted = metrics.predicted_sets(predictions, thresholds)
+    true = predictions.labels > 0.5
+    wrong = ((predicted != true) & ~predictions.labels.isnan()).sum(1)
+    chosen = sorted(range(len(predictions)), key=lambda i: -int(wrong[i]))[:count]
+    images = [data[i][0] for i in predictions.indices[chosen].tolist()]
+    as_sets = [(true[i].nonzero().flatten().tolist(), predicted[i].nonzero().flatten().tolist()) for i in chosen]
+    return images, [t for t, _ in as_sets], [p for _, p in as_sets], [int(wrong[i]) for i in chosen]
+
+
+def draw_label_sets(output_dir, images, true, predicted, mistakes, class_names, name="val_predictions.jpg"):
+    """val_predictions.jpg for a multi-label model: each image with its true and predicted label sets; a red
+    frame and ✗ when the sets differ in any label, green and ✓ when they are the same."""
+
+    def draw(labels):
+        def names(indices):
+            return _shorten(", ".join(labels[i] for i in indices) or "(none)", 20)
+
+        captions, colours = [], []
+        for t, p, wrong in zip(true, predicted, mistakes):
+            mark, colour = ("✗", WRONG_COLOUR) if wrong else ("✓", RIGHT_COLOUR)
+            captions.append(f"true {names(t)}\n{mark} pred {names(p)}")
+            colours.append(colour)
+        return _grid_figure(images, captions, colours)
+
+    return _save_picture(Path(output_dir) / name, draw, class_names)
+
+
 def draw_batch(output_dir, images, labels, class_names, max_images=32):
-    """train_batch.jpg: the first images of a training batch after augmentation (uint8 N×3×H×W), with labels."""
+    """train_batch.jpg: the first images of a training batch after augmentation (uint8 N×3×H×W), with labels
+    (class indices, or multi-hot rows)."""
 
     def draw(names):
         count = min(len(images), max_images)
-        captions = [_shorten(names[int(labels[i])], 22) for i in range(count)]
+        if labels.ndim == 2:  # multi-label
+            sets = [", ".join(names[c] for c in row.nan_to_num().nonzero().flatten().tolist()) for row in labels]
+            captions = [_shorten(sets[i] or "(none)", 22) for i in range(count)]
+        else:
+            captions = [_shorten(names[int(labels[i])], 22) for i in range(count)]
         return _grid_figure([images[i] for i in range(count)], captions, [None] * count)
 
     return _save_picture(Path(output_dir) / "train_batch.jpg", draw, class_names)

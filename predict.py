@@ -10,6 +10,10 @@ The same rows without the probability columns are printed to stdout; messages go
 also has a 'label' column, the accuracy on it is reported. Preprocessing is the checkpoint's validation
 transform, so predicting a run's validation images reproduces its validation accuracy (given the same --amp).
 Inference is fp32 unless --amp asks otherwise, so best.pt and best.onnx give the same confidences.
+
+A multi-label model writes image, labels (the classes whose probability reaches their threshold, as 'a;b',
+empty for none), then one probability column per class. The thresholds are those the run chose on its
+validation images (saved in best.pt and the export), or --threshold for every class.
 """
 
 import argparse
@@ -61,6 +65,9 @@ def get_args_parser():
         "--cam", metavar="DIR", help="also write Grad-CAM overlays and heat maps of each image into DIR"
     )
     parser.add_argument("--cam-class", metavar="NAME", help="with --cam, map this class instead of the predicted one")
+    parser.add_argument(
+        "--threshold", type=cli.FRACTION, help="multi-label: one threshold for all (default: the run's)"
+    )
     parser.add_argument("--image-col", default="image", help="column of image paths in CSV inputs")
     parser.add_argument("--root", default=None, help="folder CSV image paths are relative to (default: the CSV's)")
     parser.add_argument("--workers", type=int, default=None, help="DataLoader worker processes (default: fitted)")
@@ -132,8 +139,9 @@ def load_predictor(path, args):
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             if grad_cam is not None:
                 return grad_cam.maps(train.to_device(images, ctx))  # the same forward gives both
-            return model(train.to_device(images, ctx)).float().softmax(1).cpu(), None
+            return activation(model(train.to_device(images, ctx)).float()).cpu(), None
 
+    activation = torch.sigmoid if checkpoint.get("multi_label") else lambda logits: logits.softmax(1)
     return probabilities, checkpoint, device
 
 
@@ -170,8 +178,8 @@ def load_onnx_predictor(path, args):
     def probabilities(images):
         # The same arithmetic as train.to_device, so the model sees the same numbers as from best.pt.
         batch = images.float().div_(255).sub_(mean).div_(std).contiguous()
-        logits = session.run([output_name], {input_name: batch.numpy()})[0]
-        return torch.from_numpy(logits).float().softmax(1), None
+        logits = torch.from_numpy(session.run([output_name], {input_name: batch.numpy()})[0]).float()
+        return (logits.sigmoid() if info.get("multi_label") else logits.softmax(1)), None
 
     return probabilities, info, device
 
@@ -260,6 +268,8 @@ def main(args):
     if not predicted:
         raise DataError(f"none of the {len(items)} images could be read")
 
+    if checkpoint.get("multi_label"):
+        return write_label_sets(args, checkpoint, predicted, items)
     topk = min(args.topk, len(class_names))
     columns = ["image", "label", "confidence"]
     columns += [f"top{k}_{part}" for k in range(2, topk + 1) for part in ("label", "confidence")]
@@ -277,6 +287,34 @@ def main(args):
             labelled += 1
             correct += true_label == row[1]
 
+    write_rows(args, columns, rows, shown, len(items) - len(predicted))
+    if labelled:
+        print(f"accuracy {correct / labelled:.4f} ({correct}/{labelled} labelled images)", file=sys.stderr)
+    return 0
+
+
+def write_label_sets(args, checkpoint, predicted, items):
+    """The multi-label rows: image, labels (those at or above their class's threshold), p per class."""
+    class_names = list(checkpoint["class_names"])
+    thresholds = [args.threshold] * len(class_names) if args.threshold is not None else checkpoint.get("thresholds")
+    thresholds = torch.tensor(thresholds or [0.5] * len(class_names))
+    columns = ["image", "labels", *(f"p_{name}" if name in ("image", "labels") else name for name in class_names)]
+    rows, correct, labelled = [], 0, 0
+    for index, probs in predicted:
+        chosen = [name for name, on in zip(class_names, (probs >= thresholds).tolist()) if on]
+        rows.append([items["image"][index], ";".join(chosen), *(f"{p:.6g}" for p in probs.tolist())])
+        true_label = items["label"][index]
+        if true_label is not None:  # a 'label' column of sets such as 'a;b': exact-match accuracy
+            labelled += 1
+            correct += {name.strip() for name in true_label.split(";")} - {""} == set(chosen)
+    write_rows(args, columns, rows, 2, len(items) - len(predicted))
+    if labelled:
+        print(f"exact-match accuracy {correct / labelled:.4f} ({correct}/{labelled} labelled images)", file=sys.stderr)
+    return 0
+
+
+def write_rows(args, columns, rows, shown, skipped):
+    """--out gets every column; stdout the first `shown`."""
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + rows)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "predictions.csv"
@@ -284,14 +322,10 @@ def main(args):
     printed = io.StringIO()
     csv.writer(printed, lineterminator="\n").writerows(row[:shown] for row in [columns] + rows)
     sys.stdout.write(printed.getvalue())
-    skipped = len(items) - len(predicted)
     print(
         f"wrote {len(rows)} predictions to {out}" + (f" ({skipped} unreadable images skipped)" if skipped else ""),
         file=sys.stderr,
     )
-    if labelled:
-        print(f"accuracy {correct / labelled:.4f} ({correct}/{labelled} labelled images)", file=sys.stderr)
-    return 0
 
 
 def run_cli(argv=None) -> int:

@@ -21,6 +21,7 @@ import metrics
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
+LABEL_METRIC_COLUMNS = [*METRIC_COLUMNS, "val_map"]  # multi-label: val_acc is exact-match accuracy
 # Flags that may differ when a run is resumed; every other flag is taken from the checkpoint.
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "amp", "compile", "cache", "skip_bad_images", "patience", "nproc"}
 # Flags that --evaluate may take from the command line instead of the checkpoint: the data and the runtime.
@@ -32,6 +33,10 @@ EVALUATE_FLAGS = RESUMABLE_FLAGS | {
     "val_root",
     "image_col",
     "label_col",
+    "label_sep",
+    "label_cols",
+    "uncertain",
+    "threshold",
     "batch_size",
 }
 # Never taken from a saved run: where it lives and what to do with it, and the machine it continues on.
@@ -133,11 +138,16 @@ class RunInfo:
     std: tuple
     resize_size: int
     split_digest: str
+    multi_label: bool = False
 
 
-def save_checkpoint(path, model, epoch, best, history, run, optimizer=None, scheduler=None, scaler=None):
+def save_checkpoint(
+    path, model, epoch, best, history, run, optimizer=None, scheduler=None, scaler=None, thresholds=None, ema=None
+):
     """Write a checkpoint atomically. With the optimizer (last.pt) it resumes training; without (best.pt)
-    it is a third of the size and holds what predict.py, --evaluate and export.py need."""
+    it is a third of the size and holds what predict.py, --evaluate and export.py need. A multi-label run's
+    checkpoints hold the per-class `thresholds` of their epoch; with --ema, last.pt holds the average too."""
+
     checkpoint = {
         "model": model.state_dict(),
         "epoch": epoch,
@@ -152,12 +162,16 @@ def save_checkpoint(path, model, epoch, best, history, run, optimizer=None, sche
         "std": list(run.std),
         "args": dict(run.args),
         "split_digest": run.split_digest,
+        "multi_label": run.multi_label,
+        "thresholds": thresholds,
         "version": CHECKPOINT_VERSION,
     }
     if optimizer is not None:
         checkpoint["optimizer"] = optimizer.state_dict()
         checkpoint["scheduler"] = scheduler.state_dict()
         checkpoint["scaler"] = scaler.state_dict()
+        if ema is not None:
+            checkpoint["ema"] = ema.state_dict()
     write_atomically(path, lambda f: torch.save(checkpoint, f))
 
 
@@ -345,19 +359,22 @@ def write_split(output_dir, parts):
 
 
 def write_metrics(output_dir, history):
-    write_csv_atomically(output_dir / "metrics.csv", METRIC_COLUMNS, history)
+    columns = LABEL_METRIC_COLUMNS if history and "val_map" in history[0] else METRIC_COLUMNS
+    write_csv_atomically(output_dir / "metrics.csv", columns, history)
 
 
 # ---------------------------------------------------------------------------------------------- reports
 
 
-def write_report(output_dir, predictions, data, title, prefix=""):
+def write_report(output_dir, predictions, data, title, prefix="", thresholds=None):
     """The final report of a model on one part of the data (metrics.Predictions of the MyDataset `data`):
     printed, and saved as {prefix}report.csv, {prefix}confusion_matrix.csv, {val_|test_}predictions.csv and
     the pictures {prefix}confusion_matrix.png, {prefix}roc.png, {prefix}calibration.png, and for validation
-    (no prefix) val_predictions.jpg."""
+    (no prefix) val_predictions.jpg. Multi-label: see write_label_report."""
     import plots  # here, not above: plots imports this module for its atomic writes
 
+    if predictions.multi_label:
+        return write_label_report(output_dir, predictions, data, title, prefix, thresholds)
     class_names = data.class_names
     rows, confusion = metrics.report(predictions, class_names)
     print(metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names), flush=True)
@@ -390,9 +407,44 @@ def write_predictions(path, predictions, data):
     write_csv_atomically(path, header, rows)
 
 
+def write_label_report(output_dir, predictions, data, title, prefix, thresholds):
+    """write_report for a multi-label model at its per-class `thresholds`: {prefix}report.csv
+    (LABEL_REPORT_COLUMNS), {val_|test_}predictions.csv, {prefix}pr_curves.png and {prefix}roc.png, and
+    for validation val_predictions.jpg (true and predicted label sets)."""
+    import plots
+
+    class_names = data.class_names
+    rows = metrics.label_report(predictions, class_names, thresholds)
+    print(metrics.label_report_text(title, metrics.mean_loss(predictions), rows, class_names), flush=True)
+    write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.LABEL_REPORT_COLUMNS, rows)
+    write_label_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data, thresholds)
+    per_class = rows[: len(class_names)]
+    plots.draw_pr_curves(output_dir, metrics.pr_curves(predictions), [row["ap"] for row in per_class], class_names,
+                         prefix)  # fmt: skip
+    plots.draw_roc(output_dir, metrics.roc_curves(predictions), [row["auc"] for row in per_class], class_names, prefix)
+    if not prefix:
+        plots.draw_label_sets(output_dir, *plots.label_sets_worth_seeing(predictions, thresholds, data), class_names)
+
+
+def write_label_predictions(path, predictions, data, thresholds):
+    """One row per evaluated image: image, labels (true, 'a;b', empty for none), predicted (the same), then
+    p_<class> for every class."""
+    class_names = data.class_names
+    header = ["image", "labels", "predicted", *(f"p_{name}" for name in class_names)]
+    chosen = metrics.predicted_sets(predictions, thresholds).tolist()
+    rows = []
+    for i, true, predicted, probabilities in zip(
+        predictions.indices.tolist(), predictions.labels.tolist(), chosen, predictions.probabilities.tolist()
+    ):
+        true_names = ";".join(name for name, t in zip(class_names, true) if t == 1)
+        predicted_names = ";".join(name for name, p in zip(class_names, predicted) if p)
+        rows.append(dict(zip(header, [data.images[i], true_names, predicted_names, *probabilities])))
+    write_csv_atomically(path, header, rows)
+
+
 # ------------------------------------------------------------------------------------- cross-validation
 
-CV_SCORES = ("accuracy", "macro f1", "macro auc")
+CV_SCORES = ("accuracy", "macro f1", "macro auc", "map", "exact match")  # those a report has
 
 
 def write_cv_summary(output_dir, folds):
@@ -412,7 +464,7 @@ def write_cv_summary(output_dir, folds):
         if not all((d / f"{prefix}report.csv").exists() for d in fold_dirs):
             continue
         reports = [{row["label"]: row["value"] for row in read(d / f"{prefix}report.csv")} for d in fold_dirs]
-        for score in CV_SCORES:
+        for score in (score for score in CV_SCORES if score in reports[0]):
             values = [float(report[score]) if report.get(score) else float("nan") for report in reports]
             defined = [v for v in values if v == v]
             mean = statistics.fmean(defined) if defined else float("nan")

@@ -15,7 +15,6 @@ reads back (checkpoints, reports, pictures) is in run_files.py.
 import argparse
 import contextlib
 import difflib
-import logging
 import math
 import os
 import random
@@ -44,6 +43,7 @@ import plots
 import run_files
 from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SMOOTHING
 from dataset import BadImageError, BadImageLog, DataError, MyDataset
+from processes import StopRequest, launch_processes, processes_to_launch
 from run_files import UsageError, one_line, save_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,6 +64,9 @@ def get_args_parser():
     data("--root", help="folder the CSV's image paths are relative to (default: the CSV's folder)")
     data("--image-col", help="column of image paths (default: 'image', or the first of two)")
     data("--label-col", help="column of labels (default: 'label', or the second of two)")
+    data("--label-sep", help="multi-label: the separator of several labels in a value (default: ';', found by itself)")
+    data("--label-cols", help="multi-label: 0/1 columns, one per class, as 'A,B,C', or 'all' (all but image/group)")
+    data("--uncertain", choices=dataset.UNCERTAIN_POLICIES, help="what -1 in --label-cols means (default: an error)")
     data("--val-csv", help="separate validation CSV; replaces --val-split")
     data("--val-root", help="folder the --val-csv paths are relative to (default: --root)")
     data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
@@ -106,8 +109,10 @@ def get_args_parser():
     optim("--label-smoothing", type=SMOOTHING, default=0.0, help="label smoothing for the cross-entropy loss")
     optim("--class-weights", choices=["none", "balanced"], default="none",
           help="balanced = weight the loss by inverse class frequency")
-    optim("--best-metric", choices=["acc", "macro_f1", "auc", "loss"], default="acc",
-          help="what best.pt is best at (auc: macro one-vs-rest ROC AUC)")
+    optim("--best-metric", choices=["acc", "macro_f1", "auc", "map", "loss"],
+          help="what best.pt is best at (auc: macro one-vs-rest ROC AUC) (default: acc; multi-label: map)")
+    optim("--threshold", type=FRACTION, help="multi-label: one probability threshold for every class "
+          "(default: per class, the best F1 on the validation images)")
     optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
     run = parser.add_argument_group("run").add_argument
@@ -137,6 +142,10 @@ def check_args(args):
         raise UsageError("--folds resumes with --resume alone: each fold continues from its own last.pt")
     if args.dedupe and args.no_duplicate_check:
         raise UsageError("--dedupe needs the duplicate check; drop --no-duplicate-check")
+    if args.data and (args.label_sep or args.label_cols):
+        raise UsageError("folders have one class per image; multi-label (--label-sep, --label-cols) needs a --csv")
+    if args.uncertain and not args.label_cols:
+        raise UsageError("--uncertain says what -1 means in --label-cols columns; add --label-cols")
     if args.data and args.group_col:
         raise UsageError("--group-col names a CSV column; for --data folders use --group-pattern on the file names")
     if args.data is None and args.csv is None and args.root is not None:
@@ -179,42 +188,6 @@ def make_context(device, amp, mean, std, rank=0, world_size=1):
     mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
     channels_last = device.type in ("cpu", "cuda")
     return Context(device, choose_amp(amp, device), channels_last, mean, std, rank, world_size)
-
-
-def processes_to_launch(args):
-    """How many local processes to start: --nproc, else every visible GPU (as the tutorial's DataParallel used
-    them all) unless one GPU or another device was asked for; 1 when already launched (torchrun, or by us)."""
-    if "WORLD_SIZE" in os.environ or args.evaluate:
-        return 1
-    if args.nproc is not None:
-        return args.nproc
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    return gpus if args.device in ("auto", "cuda") and gpus > 1 else 1
-
-
-def launch_processes(nproc, argv):
-    """Run this script in `nproc` DDP processes through PyTorch's own elastic launcher, as torchrun --standalone
-    would. Returns the exit status of the process that failed (its error line is already shown), else 0."""
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dataset.cpu_cores() // nproc)))  # share, not oversubscribe
-    rendezvous = dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0", run_id=f"train-{os.getpid()}")
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, max_restarts=0, **rendezvous)
-    try:
-        elastic_launch(config, sys.executable)("-u", str(Path(__file__).resolve()), *argv)
-    except ChildFailedError as e:
-        # The status that says what went wrong, whichever process the launcher noticed first: a process's own
-        # (2: bad input), then a death by signal (the OOM killer), then 1 (a crash, or a process whose
-        # collective broke), last the SIGTERM the launcher sends the others.
-        failures = [failure.exitcode for failure in e.failures.values()]
-        exitcode = min(failures, key=lambda code: (code == -signal.SIGTERM, code == 1, code < 0))
-        return exitcode if exitcode > 0 else 128 - exitcode  # a negative exit code is the signal that ended it
-    except SignalException as e:  # Ctrl-C: the processes saved last.pt and stopped
-        return 128 + e.sigval
-    return 0
 
 
 def choose_device(name):
@@ -294,21 +267,33 @@ def load_samples(args):
     columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
     train_set, val_set, test_set, class_names, split_method = dataset.labelled_image_sets(
         *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
-        folds=args.folds, fold=args.fold,
+        folds=args.folds, fold=args.fold, label_format=label_format_of(args),
     )  # fmt: skip
+    if args.best_metric == "map" and not train_set.multi_label:
+        raise UsageError("--best-metric map is for multi-label data; use acc, macro_f1, auc or loss")
+    if args.threshold is not None and not train_set.multi_label:
+        raise UsageError("--threshold is for multi-label data (one class per image takes the most probable)")
+    args.best_metric = args.best_metric or ("map" if train_set.multi_label else "acc")
     val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
     return train_set, val_set, test_set, class_names, split_method, copies
+
+
+def label_format_of(args):
+    return dataset.LabelFormat(args.label_sep, args.label_cols, args.uncertain)
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size):
     """MyDatasets for each part (test None without a test set), cached in RAM per --cache. Images are
     decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
-    transforms = build_transforms(args.image_size, resize_size)
-    train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size)
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size)
+    transforms, multi = build_transforms(args.image_size, resize_size), train_set.multi_label
+    train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size,
+                           multi)  # fmt: skip
+    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size, multi)
     test_data = (
-        MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], resize_size) if test_set else None
+        MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], resize_size, multi)
+        if test_set
+        else None
     )
     if args.cache == "on" or (args.cache == "auto" and dataset.cache_fits([train_data, val_data])):
         train_data.fill_cache()
@@ -338,6 +323,8 @@ def build_dataloaders(args, train_data, val_data, ctx, workers):
     """The training loader (shuffled, sharded under DDP) and the validation loader (each image once)."""
     generator = torch.Generator()  # seeded at the start of every epoch by seed_epoch
     train_sampler = None
+    if args.balanced_sampler and train_data.multi_label:
+        raise UsageError("--balanced-sampler draws by class, and multi-label images have several; use --class-weights")
     if ctx.world_size > 1:
         if args.balanced_sampler:
             raise UsageError("--balanced-sampler does not work under torchrun yet; use --class-weights balanced")
@@ -459,7 +446,32 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+class MultiLabelLoss(nn.Module):
+    """Binary cross-entropy per class (BCEWithLogitsLoss), averaged over the known labels: NaN targets
+    (--uncertain ignore) count for nothing. Label smoothing pulls each target towards 0.5."""
+
+    def __init__(self, pos_weight=None, label_smoothing=0.0):
+        super().__init__()
+        self.bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=pos_weight)
+        self.label_smoothing = label_smoothing
+
+    def forward(self, logits, targets):
+        known = ~targets.isnan()
+        targets = targets.nan_to_num(0) * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
+        return (self.bce(logits.float(), targets) * known).sum() / known.sum().clamp(min=1)
+
+
 def build_loss(args, train_targets, num_classes, device):
+    """Cross-entropy; for multi-label (train_targets (N, C) multi-hot) MultiLabelLoss. --class-weights
+    balanced: inverse class frequency, multi-label each class's negatives/positives as pos_weight."""
+    if isinstance(train_targets, np.ndarray) and train_targets.ndim == 2:
+        pos_weight = None
+        if args.class_weights == "balanced":
+            positives, known = np.nansum(train_targets, 0), (~np.isnan(train_targets)).sum(0)
+            pos_weight = torch.tensor(
+                (known - positives) / np.maximum(positives, 1), dtype=torch.float32, device=device
+            )
+        return MultiLabelLoss(pos_weight, args.label_smoothing)
     weight = None
     if args.class_weights == "balanced":
         counts = np.maximum(np.bincount(train_targets, minlength=num_classes), 1)
@@ -468,43 +480,6 @@ def build_loss(args, train_targets, num_classes, device):
 
 
 # ======================================================================================= epoch, evaluate
-
-
-class StopRequest:
-    """`with StopRequest() as stop:` SIGINT/SIGTERM set stop.signum; the loop finishes its step, saves
-    last.pt and exits 130/143."""
-
-    def __init__(self):
-        self.signum = None
-        self.previous = {}
-
-    def __enter__(self):
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        # After a stop the process is on its way out: further signals are ignored, so that a second Ctrl-C
-        # during shutdown cannot turn the clean exit into a KeyboardInterrupt or a death by signal.
-        for signum, handler in self.previous.items():
-            signal.signal(signum, signal.SIG_IGN if self.signum is not None else handler)
-
-    def _handle(self, signum, frame):
-        if self.signum is None:
-            print(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.pt", file=sys.stderr)
-        self.signum = signum
-
-    def agreed(self, step, ctx):
-        """Whether every process has been asked to stop. Under torchrun, ranks agree every 8 steps."""
-        if ctx.world_size == 1:
-            return self.signum is not None
-        if step % 8 != 7:
-            return False
-        flag = torch.tensor([0 if self.signum is None else self.signum], device=ctx.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if flag.item() and self.signum is None:
-            self.signum = int(flag.item())
-        return bool(flag.item())
 
 
 def to_device(images, ctx):
@@ -532,7 +507,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     on the device and are read only when the progress bar refreshes: the loop never waits for the GPU."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
-    correct = torch.zeros((), device=ctx.device, dtype=torch.long)
+    correct = torch.zeros((), device=ctx.device)  # float: a mixed target counts its share
     seen, start, last_refresh = 0, time.perf_counter(), time.perf_counter()
     bar = tqdm(train_loader, f"epoch {epoch}/{args.epochs}", leave=False, disable=not ctx.show_bars, dynamic_ncols=True)
     batches, group_has_gradients = len(train_loader), False
@@ -557,7 +532,7 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
                 scaler.scale(loss / group_size).backward()
             group_has_gradients = True
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(1) == labels).sum()
+            correct += count_correct(logits, labels, isinstance(loss_fn, MultiLabelLoss))
             seen += len(labels)
         if steps_now and group_has_gradients:  # a group whose every image failed to decode has nothing to step
             scaler.step(optimizer)
@@ -586,10 +561,20 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
     return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
 
 
+def count_correct(logits, targets, multi_label):
+    """Right answers in a batch: the predicted class's share of each target (1 or 0 for a class index; a
+    mixed target's weight); multi-label, the images whose known labels are all right at probability 0.5."""
+    if multi_label:
+        return (((logits > 0) == (targets > 0.5)) | targets.isnan()).all(1).sum()
+    if targets.ndim == 2:  # mixed (mixup/cutmix) targets, each row summing to 1
+        return targets.gather(1, logits.argmax(1, keepdim=True)).sum()
+    return (logits.argmax(1) == targets).sum()
+
+
 @torch.inference_mode()
 def evaluate(model, loader, ctx, bad_images):
     """Every image's log-probabilities (metrics.Predictions), gathered from all processes in dataset order;
-    images that fail to decode (with --skip-bad-images) are left out."""
+    images that fail to decode (with --skip-bad-images) are left out. Multi-label: the logits and multi-hot labels."""
     model.eval()
     if ctx.world_size > 1:  # BatchNorm statistics differ between processes: all evaluate rank 0's, the saved ones
         for buffer in model.buffers():
@@ -606,11 +591,12 @@ def evaluate(model, loader, ctx, bad_images):
         indices += [i for i in batch_positions if data.images[i] not in skipped]
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             logits = model(to_device(images, ctx)).float()
-        log_probabilities.append(logits.log_softmax(1))
-        labels.append(batch_labels)
-    # One float64 row per image, (index, label, log-probabilities...), exact for any index or label
-    columns = 2 + len(data.class_names)
-    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels)[:, None], torch.cat(log_probabilities).cpu()],
+        log_probabilities.append(logits if data.multi_label else logits.log_softmax(1))
+        labels.append(batch_labels.reshape(len(batch_labels), -1).float())
+    # One float64 row per image, (index, label(s), log-probabilities or logits), exact for any index or label
+    classes = len(data.class_names)
+    columns = 1 + classes + (classes if data.multi_label else 1)
+    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels), torch.cat(log_probabilities).cpu()],
                      1).double() if labels else torch.zeros(0, columns, dtype=torch.float64)  # fmt: skip
     if ctx.world_size > 1:  # each process pads its rows to the longest shard's count (index -1), then all gather
         padded = torch.full((math.ceil(len(data) / ctx.world_size), columns), -1.0, dtype=torch.float64)
@@ -620,6 +606,10 @@ def evaluate(model, loader, ctx, bad_images):
         rows = torch.cat(gathered).cpu()
         rows = rows[rows[:, 0] >= 0]
     rows = rows[rows[:, 0].argsort()]
+    if data.multi_label:
+        logits = rows[:, 1 + classes :].float()
+        labels = rows[:, 1 : 1 + classes].float()
+        return metrics.Predictions(rows[:, 0].long(), labels, nn.functional.logsigmoid(logits), logits)
     return metrics.Predictions(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:].float())
 
 
@@ -635,10 +625,13 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
         f"loader workers {workers}{', RAM cache' if cached else ''}"
     )
     counts = train_set.samples["label"].value_counts()
+    if train_set.multi_label:  # images with each label
+        counts = dict(zip(class_names, np.nansum(dataset.label_matrix(train_set.samples, class_names), 0).astype(int)))
     test = f" / {len(test_set.samples)} test" if test_set is not None else ""
     print(
         f"{len(train_set.samples)} train / {len(val_set.samples)} val{test} images ({split_method} split), "
-        f"{len(class_names)} classes: " + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
+        f"{len(class_names)} {'labels' if train_set.multi_label else 'classes'}: "
+        + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
     )
     global_batch = args.batch_size * args.accum_steps * ctx.world_size
     batch = f"batch {args.batch_size}" + f" x {args.accum_steps} accumulated" * (args.accum_steps > 1)
@@ -651,9 +644,10 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
 
 
 def print_epoch(row, epochs, improved, skipped):
+    map_ = f" map {row['val_map']:.3f}" if "val_map" in row else ""  # multi-label; acc is exact-match
     print(
         f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
-        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{' *best' if improved else ''}  "
+        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{map_}{' *best' if improved else ''}  "
         f"{row['seconds']:.1f}s{f'  skipped {skipped} bad images' if skipped else ''}",
         flush=True,
     )
@@ -672,17 +666,27 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     class_names = list(checkpoint["class_names"])
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
-        columns = (args.image_col, args.label_col, args.skip_bad_images)
+        columns = (args.image_col, args.label_col, args.skip_bad_images, label_format_of(args))
         val_set = dataset.evaluation_image_set(args.val_csv, val_root, class_names, *columns)
     else:
         val_set = load_samples(args)[1]
-    transforms = build_transforms(checkpoint["image_size"], resize_size=checkpoint["resize_size"])
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], checkpoint["resize_size"])
+    if val_set.multi_label != checkpoint.get("multi_label", False):
+        kind = "multi-label" if checkpoint.get("multi_label") else "single-label"
+        raise UsageError(f"--evaluate {args.evaluate}: a {kind} model; {val_set.source} is not {kind} data")
+    transforms, resize_size = (
+        build_transforms(checkpoint["image_size"], checkpoint["resize_size"]),
+        checkpoint["resize_size"],
+    )
+    val_data = MyDataset(
+        val_set.samples, val_set.root, class_names, transforms["val"], resize_size, val_set.multi_label
+    )
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
     loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
     predictions = evaluate(model, loader, ctx, BadImageLog(args.skip_bad_images))
+    thresholds = [args.threshold] * len(class_names) if args.threshold is not None else checkpoint.get("thresholds")
     run_files.make_output_dir(output_dir)
-    run_files.write_report(output_dir, predictions, val_data, f"evaluation of {args.evaluate} on {val_set.source}")
+    title = f"evaluation of {args.evaluate} on {val_set.source}"
+    run_files.write_report(output_dir, predictions, val_data, title, thresholds=thresholds)
     return 0
 
 
@@ -706,7 +710,9 @@ def main(args, argv=None):
     digest = run_files.split_digest(train_set.samples, val_set.samples)
     if checkpoint is not None and checkpoint.get("split_digest") != digest:
         raise UsageError(f"--resume: {args.data or args.csv} no longer gives this run's split; start a new run")
-    run = run_files.RunInfo(run_files.plain_args(args), class_names, mean, std, resize_size, digest)
+    run = run_files.RunInfo(
+        run_files.plain_args(args), class_names, mean, std, resize_size, digest, train_set.multi_label
+    )
     train_data, val_data, test_data = build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
     workers = loader_workers(args.workers, device, world_size)
     train_loader, val_loader = build_dataloaders(args, train_data, val_data, ctx, workers)
@@ -745,7 +751,7 @@ def main(args, argv=None):
                 plots.draw_batch(output_dir, images, labels, class_names)
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
-    training_state, bad_image, best_predictions = (optimizer, scheduler, scaler), None, None
+    training_state, bad_image, best_predictions, thresholds = (optimizer, scheduler, scaler), None, None, None
     with StopRequest() as stop:
         try:
             for epoch in range(start_epoch + 1, args.epochs + 1):
@@ -759,7 +765,9 @@ def main(args, argv=None):
                 if stop.signum is not None:
                     break
                 predictions = evaluate(model, val_loader, ctx, bad_images)
-                val_scores = metrics.epoch_scores(predictions)  # val_loss, val_acc, val_macro_f1, val_auc
+                if predictions.multi_label:  # each class's threshold: the best F1 on these images, or --threshold
+                    thresholds = metrics.choose_thresholds(predictions, args.threshold)
+                val_scores = metrics.epoch_scores(predictions, thresholds)  # val_loss, val_acc, val_macro_f1, val_auc
                 history.append({
                     "epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                     **val_scores, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
@@ -768,10 +776,11 @@ def main(args, argv=None):
                 score = -math.inf if math.isnan(score) else score  # no AUC: no class with positives and negatives
                 improved = best["score"] is None or score > best["score"]
                 if improved:  # best.pt before last.pt: a crash in between repeats this epoch, best.pt included
-                    best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"]}
+                    best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"], "thresholds": thresholds}
                     best_predictions = predictions  # the final report's: no second pass over the images
-                    save_on_main(ctx, output_dir / "best.pt", model, epoch, best, history, run)
-                save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state)
+                    save_on_main(ctx, output_dir / "best.pt", model, epoch, best, history, run, thresholds=thresholds)
+                save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state,
+                             thresholds=thresholds)  # fmt: skip
                 if ctx.is_main:
                     run_files.write_metrics(output_dir, history)
                     plots.draw_results(output_dir, history)
@@ -785,7 +794,8 @@ def main(args, argv=None):
         if stop.signum is not None or bad_image is not None:
             # The weights reached so far, as of the last completed epoch (one history row each): --resume
             # restarts the interrupted one. Saved while the handlers still catch a second signal.
-            save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state)
+            save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state,
+                         thresholds=thresholds)  # fmt: skip
     if bad_image is not None:
         saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
         raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image
@@ -810,13 +820,17 @@ def main(args, argv=None):
             test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers)
             test_predictions = evaluate(model, test_loader, ctx, bad_images)
         if ctx.is_main:
-            print(f"best val_acc {best['val_acc']:.3f} at epoch {best['epoch']}: {best_path}")
-            run_files.write_report(output_dir, best_predictions, val_data, f"validation report of {best_path}")
-            cam.draw_val_cam(
-                output_dir, best_path, model, args.model, lambda x: to_device(x, ctx), best_predictions, val_data
-            )
+            print(f"best {args.best_metric} {abs(best['score']):.3f} at epoch {best['epoch']}: {best_path}")
+            best_thresholds = best.get("thresholds")  # the best epoch's, chosen on the validation images
+            title = f"validation report of {best_path}"
+            run_files.write_report(output_dir, best_predictions, val_data, title, thresholds=best_thresholds)
+            if not val_data.multi_label:
+                cam.draw_val_cam(
+                    output_dir, best_path, model, args.model, lambda x: to_device(x, ctx), best_predictions, val_data
+                )
             if test_data is not None:
-                run_files.write_report(output_dir, test_predictions, test_data, f"test report of {best_path}", "test_")
+                title = f"test report of {best_path}"
+                run_files.write_report(output_dir, test_predictions, test_data, title, "test_", best_thresholds)
     return 0
 
 
