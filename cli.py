@@ -42,6 +42,7 @@ def number(kind, allowed, requirement):
 POSITIVE_INT, POSITIVE = number(int, lambda v: v > 0, "positive"), number(float, lambda v: v > 0, "positive")
 COUNT, NON_NEGATIVE = number(int, lambda v: v >= 0, "0 or more"), number(float, lambda v: v >= 0, "0 or more")
 FRACTION = number(float, lambda v: 0 < v < 1, "between 0 and 1")
+PROBABILITY = number(float, lambda v: 0 <= v <= 1, "from 0 to 1")
 FOLDS = number(int, lambda v: v >= 2, "at least 2")
 IMAGE_SIZE, SMOOTHING = number(int, lambda v: v >= 16, "at least 16"), number(float, lambda v: 0 <= v < 1, "in [0, 1)")
 

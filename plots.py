@@ -334,6 +334,37 @@ def _calibration_figure(bins, ece, what):
     return figure
 
 
+def draw_lr_find(output_dir, lrs, losses, smoothed, suggestion):
+    """lr_find.png: the loss against the lr (log scale), raw faint and smoothed, the suggested lr marked."""
+
+    def draw(labels):
+        from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        figure = Figure(figsize=(7, 4.5))
+        ax = figure.subplots()
+        ax.plot(lrs, losses, color="C0", alpha=0.3, linewidth=1, label="loss")
+        ax.plot(lrs, smoothed, color="C0", linewidth=2, label="smoothed loss")
+        import numpy as np
+
+        at = int(np.argmin(np.abs(np.log(lrs) - np.log(suggestion))))  # the curve's point nearest the suggestion
+        ax.plot([suggestion], [smoothed[at]], "o", color="C3", markersize=8, label=f"suggested --lr {suggestion:.0e}")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:.0e}"))  # text: math text is off
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        start = smoothed[: max(1, len(smoothed) // 10)]
+        ax.set_ylim(0.9 * min(min(losses), min(smoothed)), 1.5 * max(start))  # not the divergence at the end
+        ax.set_xlabel("learning rate")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"learning-rate range test, {len(lrs)} steps")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+        figure.tight_layout()
+        return figure
+
+    return _save_picture(Path(output_dir) / "lr_find.png", draw)
+
+
 # ------------------------------------------------------------------------------------------ image grids
 
 

@@ -142,11 +142,23 @@ class RunInfo:
 
 
 def save_checkpoint(
-    path, model, epoch, best, history, run, optimizer=None, scheduler=None, scaler=None, thresholds=None, ema=None
+    path,
+    model,
+    epoch,
+    best,
+    history,
+    run,
+    optimizer=None,
+    scheduler=None,
+    scaler=None,
+    thresholds=None,
+    ema=None,
+    background=False,
 ):
     """Write a checkpoint atomically. With the optimizer (last.pt) it resumes training; without (best.pt)
     it is a third of the size and holds what predict.py, --evaluate and export.py need. A multi-label run's
-    checkpoints hold the per-class `thresholds` of their epoch; with --ema, last.pt holds the average too."""
+    checkpoints hold the per-class `thresholds` of their epoch; with --ema, last.pt holds the average too.
+    With `background`, it is written by the checkpoint thread (see `wait_for_checkpoints`)."""
 
     checkpoint = {
         "model": model.state_dict(),
@@ -172,7 +184,40 @@ def save_checkpoint(
         checkpoint["scaler"] = scaler.state_dict()
         if ema is not None:
             checkpoint["ema"] = ema.state_dict()
-    write_atomically(path, lambda f: torch.save(checkpoint, f))
+    if background:
+        write_in_background(path, checkpoint)
+    else:
+        write_atomically(path, lambda f: torch.save(checkpoint, f))
+
+
+# The ~340 MB of a resnet34's best.pt and last.pt take 1.4 s per epoch to reach the disk (measured on a 2-core
+# cloud machine): one thread writes them while the next epoch trains, in the order they were saved (best.pt
+# first), each atomically as before, so the folder always holds complete checkpoints, at most an epoch old.
+_checkpoint_thread = None
+_pending_writes = []
+
+
+def write_in_background(path, checkpoint):
+    """Queue `checkpoint` for the checkpoint thread, once at most one write is still waiting (an epoch's best.pt
+    and last.pt in memory at a time). Its tensors are copied to the CPU first: training changes the weights and
+    the optimizer state in place. A failed earlier write is raised here, or by wait_for_checkpoints."""
+    global _checkpoint_thread
+    from concurrent.futures import ThreadPoolExecutor
+
+    while len(_pending_writes) > 1:
+        _pending_writes.pop(0).result()
+    copied = torch.utils._pytree.tree_map(
+        lambda x: x.detach().to("cpu", copy=True) if isinstance(x, torch.Tensor) else x, checkpoint
+    )
+    if _checkpoint_thread is None:
+        _checkpoint_thread = ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    _pending_writes.append(_checkpoint_thread.submit(write_atomically, path, lambda f: torch.save(copied, f)))
+
+
+def wait_for_checkpoints():
+    """Return once every checkpoint saved in the background is on disk; raise the first write that failed."""
+    while _pending_writes:
+        _pending_writes.pop(0).result()
 
 
 def load_checkpoint(path, flag):
@@ -298,13 +343,15 @@ def open_run(args, typed, here, world_size=1):
     return resume_checkpoint(args, typed, output_dir), output_dir
 
 
-def restore_training_state(checkpoint, model, optimizer, scheduler, scaler):
+def restore_training_state(checkpoint, model, optimizer, scheduler, scaler, ema=None):
     """Load last.pt's state into freshly built training pieces, for --resume."""
     try:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
+        if ema is not None:
+            ema.load_state_dict(checkpoint["ema"])
     except (RuntimeError, KeyError, ValueError) as e:
         raise UsageError(f"--resume: the checkpoint does not fit this model ({one_line(e)[:150]})") from None
 

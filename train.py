@@ -8,12 +8,14 @@
 A cleaned-up version of the classic ResNet training script: MyDataset from a CSV or class folders,
 RandomResizedCrop/flip for training and Resize/CenterCrop for validation, a seeded split, resnet34 with its
 head replaced, Adam at 1e-4, and a train/validate loop that keeps the best checkpoint. The stages read top to
-bottom: arguments, device, data, model, optimizer, one epoch and evaluation, main. What a run writes and
-reads back (checkpoints, reports, pictures) is in run_files.py.
+bottom: arguments, data, model, optimizer, one epoch and evaluation, main. The device and precision are chosen
+in devices.py, the processes started in processes.py; what a run writes and reads back (checkpoints, reports,
+pictures) is in run_files.py, the recipe's extras (augmentation, mixing, EMA, the LR finder) in recipe.py.
 """
 
 import argparse
 import contextlib
+import copy
 import difflib
 import math
 import os
@@ -21,7 +23,6 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +41,11 @@ import dataset
 import duplicates
 import metrics
 import plots
+import recipe
 import run_files
-from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, SMOOTHING
+from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SMOOTHING
 from dataset import BadImageError, BadImageLog, DataError, MyDataset
+from devices import choose_device, loader_workers, make_context
 from processes import StopRequest, launch_processes, processes_to_launch
 from run_files import UsageError, one_line, save_checkpoint
 
@@ -115,6 +118,21 @@ def get_args_parser():
           "(default: per class, the best F1 on the validation images)")
     optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
+    extra = parser.add_argument_group("recipe (defaults: the tutorial's)").add_argument
+    extra("--recipe", choices=["default", "modern"], default="default",
+          help="modern = AdamW, cosine, warmup, label smoothing, TrivialAugment, EMA...; flags given win (README)")
+    extra("--augment", choices=recipe.AUGMENTS, default="basic", help="basic = crop + flip; or an automatic policy")
+    extra("--crop-scale", type=FRACTION, help="smallest RandomResizedCrop area share (default: 0.08; modern: "
+          f"{recipe.MODERN_CROP_SCALE}; multi-label: {recipe.MULTI_LABEL_CROP_SCALE}, so findings stay in the crop)")
+    extra("--random-erasing", type=PROBABILITY, default=0.0, help="probability of erasing a random box of an image")
+    extra("--mixup", type=NON_NEGATIVE, default=0.0, help="MixUp alpha: blend pairs of images and targets (0 = off)")
+    extra("--cutmix", type=NON_NEGATIVE, default=0.0, help="CutMix alpha: paste a box of one image into another")
+    extra("--ema", type=SMOOTHING, nargs="?", const=recipe.DEFAULT_EMA_DECAY, metavar="DECAY",
+          help=f"evaluate and save a moving average of the weights (alone: decay {recipe.DEFAULT_EMA_DECAY}; 0: off)")
+    extra("--progressive", type=IMAGE_SIZE, metavar="MIN_SIZE",
+          help="train at MIN_SIZE first, growing to --image-size over 3/4 of the epochs (validation: full size)")
+    extra("--lr-find", action="store_true", help="run the LR range test, write lr_find.png, print a --lr, and exit")
+
     run = parser.add_argument_group("run").add_argument
     run("--device", default="auto", help="auto (cuda, then mps, then cpu), or cpu, cuda, cuda:1, mps")
     run("--nproc", type=POSITIVE_INT,
@@ -144,6 +162,10 @@ def check_args(args):
         raise UsageError("--dedupe needs the duplicate check; drop --no-duplicate-check")
     if args.data and (args.label_sep or args.label_cols):
         raise UsageError("folders have one class per image; multi-label (--label-sep, --label-cols) needs a --csv")
+    if args.progressive and args.progressive >= args.image_size:
+        raise UsageError(f"--progressive {args.progressive} must be below --image-size {args.image_size}")
+    if args.lr_find and (args.resume or args.folds):
+        raise UsageError("--lr-find tries learning rates on a fresh model; drop --resume/--folds")
     if args.uncertain and not args.label_cols:
         raise UsageError("--uncertain says what -1 means in --label-cols columns; add --label-cols")
     if args.data and args.group_col:
@@ -159,90 +181,15 @@ def check_args(args):
         args.root = str(Path(args.csv).parent)
 
 
-# ================================================================================================ device
-
-
-@dataclass(frozen=True)
-class Context:
-    """Where and how the steps run, fixed for the whole run (see make_context)."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None  # autocast dtype; None = fp32
-    channels_last: bool  # measured faster for convnets on CPU (fp32 and bf16) and CUDA; MPS gains nothing
-    mean: torch.Tensor  # (1, 3, 1, 1) on the device: batches are normalised there
-    std: torch.Tensor
-    rank: int = 0
-    world_size: int = 1
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def show_bars(self):
-        """Progress bars on rank 0's terminal only: in a log file every refresh would be written into it."""
-        return self.is_main and sys.stderr.isatty()
-
-
-def make_context(device, amp, mean, std, rank=0, world_size=1):
-    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
-    channels_last = device.type in ("cpu", "cuda")
-    return Context(device, choose_amp(amp, device), channels_last, mean, std, rank, world_size)
-
-
-def choose_device(name):
-    """The device --device names; under torchrun, a process's own GPU is the one of its LOCAL_RANK."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: unknown device; use auto, cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
-        index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {name}: there are only {torch.cuda.device_count()} CUDA devices")
-        device = torch.device("cuda", index)
-        torch.cuda.set_device(device)
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise UsageError(f"--device {name}: MPS is not available on this machine; use --device cpu")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise UsageError(f"--device {name}: unsupported device type; use auto, cpu, cuda or mps")
-    return device
-
-
-def choose_amp(requested, device):
-    """The autocast dtype, or None for fp32: bf16 where the hardware does it natively, fp16 on older GPUs."""
-    if requested == "off" or device.type == "mps":
-        return None
-    if requested in ("bf16", "fp16"):
-        return torch.bfloat16 if requested == "bf16" else torch.float16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported() else None
-
-
-def loader_workers(requested, device, world_size=1):
-    """--workers when given, else a default fitted to the device and the cores."""
-    if requested is not None:
-        return requested
-    if device.type == "cpu":
-        # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
-        # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
-        return 0
-    return min(8, max(1, dataset.cpu_cores() // world_size))
-
-
 # ================================================================================================== data
 
 
-def build_transforms(image_size, resize_size=None):
-    """Train: RandomResizedCrop + flip. Val: Resize + CenterCrop. Both end in uint8 tensors: normalisation to
-    float happens on the device (see `to_device`), so batches cross to it as uint8."""
+def build_transforms(image_size, resize_size=None, augment="basic", crop_scale=0.08, random_erasing=0.0):
+    """Train: RandomResizedCrop + flip (+ --augment, --random-erasing: recipe.train_transform). Val: Resize +
+    CenterCrop. Both end in uint8 tensors: normalisation to float happens on the device (see `to_device`), so
+    batches cross to it as uint8."""
     resize_size = resize_size or int(image_size * 256 / 224)
-    train = v2.Compose([v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
+    train = recipe.train_transform(image_size, augment, crop_scale, random_erasing)
     val = v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
     return {"train": train, "val": val}
 
@@ -274,6 +221,7 @@ def load_samples(args):
     if args.threshold is not None and not train_set.multi_label:
         raise UsageError("--threshold is for multi-label data (one class per image takes the most probable)")
     args.best_metric = args.best_metric or ("map" if train_set.multi_label else "acc")
+    args.crop_scale = args.crop_scale or recipe.default_crop_scale(args.recipe, train_set.multi_label)
     val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
     return train_set, val_set, test_set, class_names, split_method, copies
 
@@ -286,7 +234,8 @@ def build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
     """MyDatasets for each part (test None without a test set), cached in RAM per --cache. Images are
     decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
-    transforms, multi = build_transforms(args.image_size, resize_size), train_set.multi_label
+    transforms = build_transforms(args.image_size, resize_size, args.augment, args.crop_scale, args.random_erasing)
+    multi = train_set.multi_label
     train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size,
                            multi)  # fmt: skip
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size, multi)
@@ -307,14 +256,15 @@ def _ignore_signals_in_worker(worker_id):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def loader_options(workers, device):
+def loader_options(workers, device, persistent=True):
     return dict(
         num_workers=workers,
         collate_fn=dataset.collate_skipping_bad,
         pin_memory=device.type == "cuda",
         # Persistent workers keep their random state across epochs, which a resumed run cannot restore;
-        # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume.
-        persistent_workers=workers > 0 and device.type == "cuda",
+        # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume. Not with
+        # --progressive: workers copy the transform when they start, so they must start with each epoch's size.
+        persistent_workers=workers > 0 and device.type == "cuda" and persistent,
         worker_init_fn=_ignore_signals_in_worker if workers > 0 else None,
     )
 
@@ -341,7 +291,7 @@ def build_dataloaders(args, train_data, val_data, ctx, workers):
         generator=generator,
         # The last, smaller batch trains, unless it is a single image: that breaks BatchNorm in training.
         drop_last=len(train_sampler or train_data) % args.batch_size == 1,
-        **loader_options(workers, ctx.device),
+        **loader_options(workers, ctx.device, persistent=not args.progressive),
     )
     return train_loader, evaluation_loader(val_data, args.batch_size, ctx, workers)
 
@@ -446,21 +396,6 @@ def build_scheduler(optimizer, args, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-class MultiLabelLoss(nn.Module):
-    """Binary cross-entropy per class (BCEWithLogitsLoss), averaged over the known labels: NaN targets
-    (--uncertain ignore) count for nothing. Label smoothing pulls each target towards 0.5."""
-
-    def __init__(self, pos_weight=None, label_smoothing=0.0):
-        super().__init__()
-        self.bce = nn.BCEWithLogitsLoss(reduction="none", pos_weight=pos_weight)
-        self.label_smoothing = label_smoothing
-
-    def forward(self, logits, targets):
-        known = ~targets.isnan()
-        targets = targets.nan_to_num(0) * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
-        return (self.bce(logits.float(), targets) * known).sum() / known.sum().clamp(min=1)
-
-
 def build_loss(args, train_targets, num_classes, device):
     """Cross-entropy; for multi-label (train_targets (N, C) multi-hot) MultiLabelLoss. --class-weights
     balanced: inverse class frequency, multi-label each class's negatives/positives as pos_weight."""
@@ -471,7 +406,7 @@ def build_loss(args, train_targets, num_classes, device):
             pos_weight = torch.tensor(
                 (known - positives) / np.maximum(positives, 1), dtype=torch.float32, device=device
             )
-        return MultiLabelLoss(pos_weight, args.label_smoothing)
+        return recipe.MultiLabelLoss(pos_weight, args.label_smoothing)
     weight = None
     if args.class_weights == "balanced":
         counts = np.maximum(np.bincount(train_targets, minlength=num_classes), 1)
@@ -502,9 +437,12 @@ def seed_epoch(seed, epoch, ctx, train_loader):
         train_loader.sampler.set_epoch(epoch)
 
 
-def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images, stop):
-    """One pass over the training data, one optimizer step per --accum-steps batches. Loss and accuracy add up
-    on the device and are read only when the progress bar refreshes: the loop never waits for the GPU."""
+def train_one_epoch(
+    model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images, stop, ema=None, mixer=None
+):
+    """One pass over the training data, one optimizer step per --accum-steps batches, each followed by the
+    --ema update; --mixup/--cutmix mix each batch (`mixer`). Loss and accuracy add up on the device and are
+    read only when the progress bar refreshes: the loop never waits for the GPU."""
     model.train()
     loss_sum = torch.zeros((), device=ctx.device)
     correct = torch.zeros((), device=ctx.device)  # float: a mixed target counts its share
@@ -523,6 +461,8 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
         steps_now = step - group_start + 1 == group_size
         if images is not None:
             images, labels = to_device(images, ctx), labels.to(ctx.device, non_blocking=True)
+            if mixer is not None:
+                images, labels = mixer(images, labels)
             # Under DDP only the group's last backward all-reduces the gradients.
             no_sync = model.no_sync() if ctx.world_size > 1 and not steps_now else contextlib.nullcontext()
             with no_sync:
@@ -532,13 +472,15 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
                 scaler.scale(loss / group_size).backward()
             group_has_gradients = True
             loss_sum += loss.detach() * len(labels)
-            correct += count_correct(logits, labels, isinstance(loss_fn, MultiLabelLoss))
+            correct += count_correct(logits, labels, isinstance(loss_fn, recipe.MultiLabelLoss))
             seen += len(labels)
         if steps_now and group_has_gradients:  # a group whose every image failed to decode has nothing to step
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
+            if ema is not None:  # the wrapped model's parameters and buffers are the model's own
+                ema.update_parameters(model)
             group_has_gradients = False
         if ctx.is_main and time.perf_counter() - last_refresh > (1 if ctx.show_bars else 60) and seen:
             last_refresh = time.perf_counter()  # without a terminal: a plain line a minute instead of a bar
@@ -559,6 +501,38 @@ def train_one_epoch(model, loss_fn, optimizer, scheduler, scaler, train_loader, 
         message = f"training loss became {loss_total} in epoch {epoch}; lower --lr (last.pt keeps the previous epoch)"
         raise UsageError(message)
     return {"train_loss": loss_total / max(count, 1), "train_acc": correct_total / max(count, 1), "count": count}
+
+
+def find_lr(model, loss_fn, train_loader, ctx, args, output_dir):
+    """--lr-find: the LR range test (recipe.lr_range_test) on a copy of the model with its own optimizer;
+    writes output_dir/lr_find.png, prints the suggested --lr, and leaves no checkpoint behind."""
+    if ctx.world_size > 1:
+        raise UsageError("--lr-find runs in one process; drop --nproc or torchrun")
+    model = copy.deepcopy(model).train()
+    optimizer = build_optimizer(model, args)
+
+    def train_step(images, labels):
+        if images is None:  # every image of the batch failed to decode
+            return float("nan")
+        with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
+            loss = loss_fn(model(to_device(images, ctx)), labels.to(ctx.device))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+    def set_lr(lr):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+    seed_epoch(args.seed, 1, ctx, train_loader)
+    lrs, losses, smoothed = recipe.lr_range_test(train_step, set_lr, train_loader)
+    suggestion = recipe.suggest_lr(lrs, smoothed)
+    run_files.make_output_dir(output_dir)
+    plots.draw_lr_find(output_dir, lrs, losses, smoothed, suggestion)
+    print(f"LR range test, {len(lrs)} steps from {lrs[0]:.0e} to {lrs[-1]:.0e}: {output_dir / 'lr_find.png'}")
+    print(f"suggested: --lr {suggestion:.1e} (marked in lr_find.png)")
+    return 0
 
 
 def count_correct(logits, targets, multi_label):
@@ -654,9 +628,10 @@ def print_epoch(row, epochs, improved, skipped):
 
 
 def save_on_main(ctx, *args, **kwargs):
-    """Only rank 0 writes checkpoints (torchvision's save_on_master); see run_files.save_checkpoint."""
+    """Only rank 0 writes checkpoints (torchvision's save_on_master), on the checkpoint thread while training
+    goes on (see run_files.save_checkpoint); the loop waits for them before it ends."""
     if ctx.is_main:
-        save_checkpoint(*args, **kwargs)
+        save_checkpoint(*args, **kwargs, background=True)
 
 
 def evaluate_checkpoint(args, checkpoint, output_dir, device):
@@ -699,6 +674,10 @@ def main(args, argv=None):
     # Settled in one place: a resumed or evaluated run's saved settings applied, then checked once.
     typed = run_files.typed_flags(get_args_parser(), argv or [])
     checkpoint, output_dir = run_files.open_run(args, typed, HERE, world_size)
+    if checkpoint is None and not args.evaluate:  # a resumed run has its recipe's values already
+        settings = recipe.apply_recipe(args, typed)
+        if settings and rank == 0:
+            print(settings)
     check_args(args)
     if args.evaluate:
         return evaluate_checkpoint(args, checkpoint, output_dir, device)
@@ -721,15 +700,20 @@ def main(args, argv=None):
     torch.manual_seed(args.seed)  # the model's initial weights; each epoch is seeded by seed_epoch
     torch.backends.cudnn.benchmark = device.type == "cuda"  # input sizes are fixed: pick the fastest kernels once
     model = build_model(args.model, len(class_names), None if checkpoint else args.weights, args.freeze_backbone)
-    check_input_size(model, args.model, args.image_size)
+    check_input_size(model, args.model, args.progressive or args.image_size)
     model.to(device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
     optimizer = build_optimizer(model, args)
     scheduler = build_scheduler(optimizer, args, math.ceil(len(train_loader) / args.accum_steps))
     scaler = torch.amp.GradScaler(device.type, enabled=ctx.amp_dtype == torch.float16)
     loss_fn = build_loss(args, train_data.targets, len(class_names), device)
+    if args.lr_find:
+        return find_lr(model, loss_fn, train_loader, ctx, args, output_dir)
+    mixer = recipe.BatchMixer(args.mixup, args.cutmix, len(class_names)) if args.mixup or args.cutmix else None
+    ema = recipe.make_ema(model, args.ema) if args.ema else None  # evaluated and saved as best.pt instead
     if checkpoint is not None:
-        run_files.restore_training_state(checkpoint, model, optimizer, scheduler, scaler)
+        run_files.restore_training_state(checkpoint, model, optimizer, scheduler, scaler, ema)
     train_model = wrap_model(model, args, ctx)
+    scored_model = ema.module if ema is not None else model
     bad_images = BadImageLog(args.skip_bad_images)
 
     # ---- the run folder
@@ -758,13 +742,17 @@ def main(args, argv=None):
                 if stop.signum is not None:  # asked to stop during validation or a save
                     break
                 seed_epoch(args.seed, epoch, ctx, train_loader)
+                if args.progressive:  # validation stays at the full size
+                    size = recipe.progressive_size(epoch, args.epochs, args.progressive, args.image_size)
+                    recipe.set_crop_size(train_data.transform, size)
                 started, bad_images.count = time.perf_counter(), 0
                 train_stats = train_one_epoch(
-                    train_model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images, stop
-                )
+                    train_model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images,
+                    stop, ema, mixer,
+                )  # fmt: skip
                 if stop.signum is not None:
                     break
-                predictions = evaluate(model, val_loader, ctx, bad_images)
+                predictions = evaluate(scored_model, val_loader, ctx, bad_images)
                 if predictions.multi_label:  # each class's threshold: the best F1 on these images, or --threshold
                     thresholds = metrics.choose_thresholds(predictions, args.threshold)
                 val_scores = metrics.epoch_scores(predictions, thresholds)  # val_loss, val_acc, val_macro_f1, val_auc
@@ -778,12 +766,15 @@ def main(args, argv=None):
                 if improved:  # best.pt before last.pt: a crash in between repeats this epoch, best.pt included
                     best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"], "thresholds": thresholds}
                     best_predictions = predictions  # the final report's: no second pass over the images
-                    save_on_main(ctx, output_dir / "best.pt", model, epoch, best, history, run, thresholds=thresholds)
+                    save_on_main(ctx, output_dir / "best.pt", scored_model, epoch, best, history, run,
+                                 thresholds=thresholds)  # fmt: skip
                 save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state,
-                             thresholds=thresholds)  # fmt: skip
+                             thresholds=thresholds, ema=ema)  # fmt: skip
                 if ctx.is_main:
                     run_files.write_metrics(output_dir, history)
                     plots.draw_results(output_dir, history)
+                    if epoch == start_epoch + 1:  # from the first epoch's line on, the folder holds a checkpoint;
+                        run_files.wait_for_checkpoints()  # later ones are written while the next epoch trains
                     print_epoch(history[-1], args.epochs, improved, bad_images.count)
                 if args.patience and epoch - best["epoch"] >= args.patience:
                     if ctx.is_main:
@@ -795,7 +786,8 @@ def main(args, argv=None):
             # The weights reached so far, as of the last completed epoch (one history row each): --resume
             # restarts the interrupted one. Saved while the handlers still catch a second signal.
             save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state,
-                         thresholds=thresholds)  # fmt: skip
+                         thresholds=thresholds, ema=ema)  # fmt: skip
+        run_files.wait_for_checkpoints()  # every checkpoint on disk before anything reads it, or the run ends
     if bad_image is not None:
         saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
         raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image

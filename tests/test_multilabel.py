@@ -11,6 +11,7 @@ from PIL import Image
 import dataset
 import metrics
 import plots
+import recipe
 import train
 from dataset import DataError, LabelFormat
 
@@ -170,7 +171,7 @@ def test_unknown_labels_are_left_out_of_the_loss_and_the_scores():
     targets = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
     known = ~targets.isnan()
     expected = torch.nn.functional.binary_cross_entropy_with_logits(logits[known], targets[known])
-    assert train.MultiLabelLoss()(logits, targets).item() == pytest.approx(expected.item())
+    assert recipe.MultiLabelLoss()(logits, targets).item() == pytest.approx(expected.item())
     predictions = metrics.Predictions(torch.arange(2), targets, torch.nn.functional.logsigmoid(logits), logits)
     assert metrics.mean_loss(predictions) == pytest.approx(expected.item(), abs=1e-6)
     assert metrics.label_scores(predictions, [0.5, 0.5])["support"] == [1, 1]
@@ -218,8 +219,11 @@ def test_the_report_is_computed_from_the_saved_predictions(trained):
         scores = np.array([float(row[f"p_{name}"]) for row in predictions])
         positive = np.array([name in row["labels"].split(";") for row in predictions])
         assert float(report[name]["ap"]) == pytest.approx(average_precision_by_ranks(scores, positive), abs=1e-4)
-        predicted = {row["image"] for row in predictions if name in row["predicted"].split(";")}
-        assert predicted == {row["image"] for row, s in zip(predictions, scores) if s >= checkpoint["thresholds"][c]}
+        predicted = np.array([name in row["predicted"].split(";") for row in predictions])
+        # the CSV keeps 6 significant digits, so an image on its class's threshold could read either way
+        threshold = checkpoint["thresholds"][c]
+        clear = ~np.isclose(scores, threshold, rtol=1e-5, atol=0)
+        assert (predicted == (scores >= threshold))[clear].all()
 
 
 def test_thresholds_round_trip_through_best_pt_onnx_and_predict(trained, tmp_path):
