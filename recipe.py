@@ -1,6 +1,6 @@
-"""The training recipe beyond the tutorial's defaults: the --recipe modern preset, stronger augmentation,
-progressive resizing, MixUp/CutMix, an EMA of the weights, and a learning-rate range test (its picture, lr_find.png,
-is drawn by plots.py).
+"""The training recipe beyond the tutorial's defaults: the --recipe modern preset, the multi-label loss,
+stronger augmentation, progressive resizing, MixUp/CutMix, an EMA of the weights, and a learning-rate range
+test (its picture, lr_find.png, is drawn by plots.py).
 
 Each piece is a plain function or a small callable that train.py switches on with a flag; with the flags off the
 run is exactly the tutorial's. Every random number comes from the generators train.seed_epoch seeds (torch's
@@ -72,7 +72,7 @@ def apply_recipe(args, typed):
     return line + (f"; given: {', '.join(given)}" if given else "")
 
 
-# ========================================================================================== augmentation
+# ====================================================================================== multi-label loss
 
 
 class MultiLabelLoss(nn.Module):
@@ -88,6 +88,9 @@ class MultiLabelLoss(nn.Module):
         known = ~targets.isnan()
         targets = targets.nan_to_num(0) * (1 - self.label_smoothing) + 0.5 * self.label_smoothing
         return (self.bce(logits.float(), targets) * known).sum() / known.sum().clamp(min=1)
+
+
+# ========================================================================================== augmentation
 
 
 def train_transform(image_size, augment="basic", crop_scale=0.08, random_erasing=0.0):

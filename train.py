@@ -120,7 +120,8 @@ def get_args_parser():
 
     extra = parser.add_argument_group("recipe (defaults: the tutorial's)").add_argument
     extra("--recipe", choices=["default", "modern"], default="default",
-          help="modern = AdamW, cosine, warmup, label smoothing, TrivialAugment, EMA...; flags given win (README)")
+          help="modern = AdamW 1e-3, weight decay .05, cosine, 1 warmup epoch, label smoothing .1, crop scale .25; "
+          "flags given win")
     extra("--augment", choices=recipe.AUGMENTS, default="basic", help="basic = crop + flip; or an automatic policy")
     extra("--crop-scale", type=FRACTION, help="smallest RandomResizedCrop area share (default: 0.08; modern: "
           f"{recipe.MODERN_CROP_SCALE}; multi-label: {recipe.MULTI_LABEL_CROP_SCALE}, so findings stay in the crop)")
@@ -787,7 +788,7 @@ def main(args, argv=None):
             # restarts the interrupted one. Saved while the handlers still catch a second signal.
             save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state,
                          thresholds=thresholds, ema=ema)  # fmt: skip
-        run_files.wait_for_checkpoints()  # every checkpoint on disk before anything reads it, or the run ends
+            run_files.wait_for_checkpoints()
     if bad_image is not None:
         saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
         raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image
@@ -803,6 +804,7 @@ def main(args, argv=None):
     if best["epoch"]:
         best_path = output_dir / "best.pt"
         if best_predictions is None or test_data is not None:  # a resumed run's best came before the resume
+            run_files.wait_for_checkpoints()
             if ctx.world_size > 1:
                 dist.barrier()  # rank 0 has finished writing best.pt
             model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
@@ -816,6 +818,7 @@ def main(args, argv=None):
             best_thresholds = best.get("thresholds")  # the best epoch's, chosen on the validation images
             title = f"validation report of {best_path}"
             run_files.write_report(output_dir, best_predictions, val_data, title, thresholds=best_thresholds)
+            run_files.wait_for_checkpoints()  # the last epoch's were written while the report was
             if not val_data.multi_label:
                 cam.draw_val_cam(
                     output_dir, best_path, model, args.model, lambda x: to_device(x, ctx), best_predictions, val_data
@@ -823,6 +826,7 @@ def main(args, argv=None):
             if test_data is not None:
                 title = f"test report of {best_path}"
                 run_files.write_report(output_dir, test_predictions, test_data, title, "test_", best_thresholds)
+    run_files.wait_for_checkpoints()  # the run ends with every checkpoint on disk
     return 0
 
 

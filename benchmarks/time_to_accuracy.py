@@ -1,6 +1,6 @@
 """Time to accuracy: whole `python train.py` runs of several configurations on one synthetic dataset.
 
-    python benchmarks/time_to_accuracy.py                                 # default, modern, progressive; 12 epochs
+    python benchmarks/time_to_accuracy.py                      # default, modern, progressive, both; 12 epochs
     python benchmarks/time_to_accuracy.py --configs default,modern --epochs 20 --target 0.85
     python benchmarks/time_to_accuracy.py --extra="--batch-size 64 --lr 1e-3"
     python benchmarks/time_to_accuracy.py --dataset digits --configs default,modern   # the second dataset
@@ -34,6 +34,7 @@ CONFIGS = {
     "default": [],
     "modern": ["--recipe", "modern"],
     "progressive": ["--progressive", "16"],
+    "modern+progressive": ["--recipe", "modern", "--progressive", "16"],
 }
 SHAPES = ("disc", "ring", "square", "frame", "triangle_up", "triangle_down", "plus", "cross", "diamond", "stripes")
 SIZE = 32
