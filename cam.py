@@ -62,11 +62,13 @@ def target_layer(model, model_name, image_size):
 
 class GradCam:
     """Grad-CAM maps of a batch: `maps(images)` -> (probabilities (N, C), maps (N, S, S) in [0, 1] at the input
-    size, 1 = hottest), for `target` or each image's predicted class."""
+    size, 1 = hottest), for `target` or each image's most probable class. A multi-label model's probabilities
+    are each class's sigmoid, as predict.py gives them without --cam."""
 
-    def __init__(self, model, model_name, image_size, target=None):
+    def __init__(self, model, model_name, image_size, target=None, multi_label=False):
         from captum.attr import LayerGradCam
 
+        self.multi_label = multi_label
         self.chosen = ChosenLogit(model.eval(), target)
         self.grad_cam = LayerGradCam(self.chosen, target_layer(model, model_name, image_size))
 
@@ -77,7 +79,9 @@ class GradCam:
             attributions = self.grad_cam.attribute(batch, relu_attributions=True)
         maps = LayerAttribution.interpolate(attributions.float(), tuple(batch.shape[2:]), "bilinear")[:, 0]
         peak = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
-        return self.chosen.logits.float().softmax(1).cpu(), (maps / peak).clamp(0, 1).detach().cpu()
+        logits = self.chosen.logits.float()
+        probabilities = logits.sigmoid() if self.multi_label else logits.softmax(1)
+        return probabilities.cpu(), (maps / peak).clamp(0, 1).detach().cpu()
 
 
 def colour_map(maps):

@@ -565,7 +565,9 @@ def split_samples(image_set, val_split, seed, method, folds=None, fold=None):
     samples = image_set.samples
     generator = torch.Generator().manual_seed(seed)
     # Multi-label: the multi-hot rows, stratified per class by assign_groups with every image its own group.
-    labels = np.nan_to_num(label_matrix(samples)) if image_set.multi_label else samples["label"]
+    labels = (
+        np.nan_to_num(label_matrix(samples, image_set.classes or None)) if image_set.multi_label else samples["label"]
+    )
     counts = pd.Series(labels.sum(0)) if image_set.multi_label else samples["label"].value_counts()
     if method == "auto":
         method = "stratified" if counts.min() >= 2 else "random"

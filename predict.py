@@ -35,12 +35,12 @@ import export
 import run_files
 import train
 from dataset import (
+    MISSING_LABELS,
     DataError,
     MyDataset,
     collate_skipping_bad,
     read_csv_rows,
     read_images,
-    read_labels,
     resolve_image_path,
 )
 from run_files import UsageError, one_line
@@ -75,12 +75,16 @@ def get_args_parser():
 
 
 def read_image_column(csv_path, image_col):
-    """A CSV's images as a DataFrame (image, label, line); label is None when the CSV has no 'label' column."""
-    header, _ = read_csv_rows(csv_path)
-    if "label" in header and image_col != "label":
-        return read_labels(csv_path, image_col, "label")  # labels to score the predictions against
+    """A CSV's images as a DataFrame (image, label, line). label is the text of the CSV's 'label' column, to score
+    the predictions against: a class, or for a multi-label model a set such as 'a;b' ('' for none); None
+    without that column. Whether the model is multi-label is known only once it is loaded."""
+    header, rows = read_csv_rows(csv_path)
     samples = read_images(csv_path, image_col)
-    samples["label"] = None
+    labels = {}
+    if "label" in header and image_col != "label":
+        at = header.index("label")
+        labels = {line: fields[at].strip() for line, fields in rows}
+    samples["label"] = [labels.get(line) for line in samples["line"]]
     return samples
 
 
@@ -133,7 +137,9 @@ def load_predictor(path, args):
         if args.cam_class is not None and args.cam_class not in class_names:
             raise UsageError(f"--cam-class {args.cam_class}: not a class of {path} ({', '.join(class_names[:10])})")
         target = None if args.cam_class is None else class_names.index(args.cam_class)
-        grad_cam = cam.GradCam(model, checkpoint["model_name"], checkpoint["image_size"], target)
+        grad_cam = cam.GradCam(
+            model, checkpoint["model_name"], checkpoint["image_size"], target, checkpoint.get("multi_label", False)
+        )
 
     def probabilities(images):
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
@@ -239,8 +245,8 @@ def main(args):
     transform = train.build_transforms(checkpoint["image_size"], resize_size=resize_size)["val"]
     datasets, start = [], 0
     for samples, root in groups:
-        data = MyDataset(samples, root, class_names, transform, short_side=resize_size)
-        data.targets = list(range(start, start + len(data)))  # each image carries its row number, not a class
+        data = MyDataset(samples.assign(label=None), root, class_names, transform, short_side=resize_size)
+        data.targets = list(range(start, start + len(data)))  # each image carries its row number, not its label
         datasets.append(data)
         start += len(data)
     items = pd.concat([samples for samples, _ in groups], ignore_index=True)
@@ -283,7 +289,7 @@ def main(args):
         for confidence, k in zip(confidences.tolist(), classes.tolist()):
             row += [class_names[k], f"{confidence:.6g}"]
         rows.append(row + [f"{p:.6g}" for p in probs.tolist()])
-        if true_label is not None:
+        if true_label and true_label.lower() not in MISSING_LABELS:  # an unlabelled row is not scored
             labelled += 1
             correct += true_label == row[1]
 

@@ -90,6 +90,15 @@ def test_a_label_column_value_other_than_0_1_or_empty_names_the_row(tmp_path):
         dataset.read_label_columns(csv_path, "all")
 
 
+def test_a_column_whose_only_values_are_0_and_ignored_uncertain_still_splits(tmp_path):
+    rows = [(f"{i}.png", str(i % 2), "-1" if i % 3 else "0") for i in range(12)]  # B: never positive
+    csv_path = write_csv(tmp_path / "l.csv", rows, ("image", "A", "B"))
+    for i in range(12):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    train_set, val_set, class_names = image_sets(csv_path, tmp_path, columns="A,B", uncertain="ignore")
+    assert class_names == ["A", "B"] and len(train_set.samples) + len(val_set.samples) == 12
+
+
 def test_label_cols_naming_a_missing_column_is_an_error(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "1")], ("image", "A"))
     with pytest.raises(DataError, match=r"no column 'C'.*check --label-cols"):
@@ -250,3 +259,34 @@ def test_thresholds_round_trip_through_best_pt_onnx_and_predict(trained, tmp_pat
         for row in csv.DictReader(f):
             chosen = [n for n, t in zip(SHAPES, checkpoint["thresholds"]) if float(row[n]) >= t]
             assert row["labels"] == ";".join(chosen)
+
+
+def test_evaluate_and_predict_read_label_sets_where_no_value_holds_a_separator(trained, tmp_path, capsys):
+    """A multi-label model's CSV is read as label sets even when every image has at most one label."""
+    import predict
+
+    run_dir, root = trained
+    rows = [("0.png", ""), ("1.png", "red"), ("2.png", "blue"), ("3.png", ""), ("4.png", "green")]
+    csv_path = write_csv(tmp_path / "single.csv", rows)
+    flags = ["--evaluate", run_dir / "best.pt", "--val-csv", csv_path, "--root", root, "--output-dir", tmp_path]
+    assert run_train(*flags) == 0
+    assert "map" in {row["label"] for row in read_rows(tmp_path / "report.csv")}
+    out = tmp_path / "predicted.csv"
+    assert predict.run_cli([str(run_dir / "best.pt"), str(csv_path), "--root", str(root), "--out", str(out)]) == 0
+    assert "exact-match accuracy" in capsys.readouterr().err and len(read_rows(out)) == 5
+
+
+def test_grad_cam_gives_a_multi_label_models_own_probabilities(trained, tmp_path):
+    import predict
+
+    run_dir, root = trained
+    images = [str(root / f"{i}.png") for i in range(4)]
+    outputs = []
+    for extra in ([], ["--cam", str(tmp_path / "cam")]):
+        out = tmp_path / f"{len(extra)}.csv"
+        assert predict.run_cli([str(run_dir / "best.pt"), *images, "--out", str(out), "--device", "cpu", *extra]) == 0
+        outputs.append(read_rows(out))
+    for plain, with_cam in zip(*outputs):  # sigmoids, not a softmax over the classes
+        assert plain["labels"] == with_cam["labels"]
+        assert [float(plain[n]) for n in SHAPES] == pytest.approx([float(with_cam[n]) for n in SHAPES], abs=1e-5)
+    assert len(list((tmp_path / "cam").glob("*_cam.jpg"))) == 4
