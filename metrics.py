@@ -85,9 +85,14 @@ def mean_loss(predictions):
         known = ~predictions.labels.isnan()
         logits, labels = predictions.logits[known].double(), predictions.labels[known].double()
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels) if known.any() else 0.0
-        return max(0.0, float(loss))
+        return not_below_zero(float(loss))
     total = -predictions.log_probabilities.gather(1, predictions.labels[:, None]).sum().item()
-    return max(0.0, total / max(len(predictions), 1))  # a log-probability rounding above 0 would print -0.000
+    return not_below_zero(total / max(len(predictions), 1))
+
+
+def not_below_zero(loss):
+    """A loss that rounding took just below 0 as 0 (it would print -0.000); NaN stays NaN, to be seen."""
+    return 0.0 if loss < 0 else loss
 
 
 def accuracy(predictions):

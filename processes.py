@@ -16,8 +16,11 @@ import dataset
 
 def processes_to_launch(args):
     """How many local processes to start: --nproc, else every visible GPU (as the tutorial's DataParallel used
-    them all) unless one GPU or another device was asked for; 1 when already launched (torchrun, or by us)."""
+    them all) unless one GPU or another device was asked for; 1 when already launched (torchrun, or by us), and
+    for --evaluate and --lr-find (which run in one process) unless --nproc says otherwise."""
     if "WORLD_SIZE" in os.environ or args.evaluate:
+        return 1
+    if args.lr_find and args.nproc is None:
         return 1
     if args.nproc is not None:
         return args.nproc

@@ -247,7 +247,9 @@ def suggest_lr(lrs, smoothed):
     as fastai and Lightning suggest. The first tenth of the points is skipped (Lightning skips 10): at the
     smallest lrs the loss barely moves and its noise would give the steepest slope. When the loss never falls
     by LR_FIND_CLEAR_FALL of its start (a flat, noisy curve: its steepest point is noise), or with fewer than
-    3 points up to the minimum, the lr at the minimum / 10 (fastai's older rule)."""
+    3 points up to the minimum, the lr at the minimum / 10 (fastai's older rule). None without a finite loss."""
+    if not lrs:
+        return None
     skip = len(lrs) // 10
     lowest = skip + int(np.argmin(smoothed[skip:]))
     start = max(smoothed[: skip + 1])

@@ -529,6 +529,8 @@ def find_lr(model, loss_fn, train_loader, ctx, args, output_dir):
     seed_epoch(args.seed, 1, ctx, train_loader)
     lrs, losses, smoothed = recipe.lr_range_test(train_step, set_lr, train_loader)
     suggestion = recipe.suggest_lr(lrs, smoothed)
+    if suggestion is None:  # not even the first, smallest step gave a finite loss
+        raise UsageError("--lr-find: the loss was not finite from the first step on; check the images and --amp")
     run_files.make_output_dir(output_dir)
     plots.draw_lr_find(output_dir, lrs, losses, smoothed, suggestion)
     print(f"LR range test, {len(lrs)} steps from {lrs[0]:.0e} to {lrs[-1]:.0e}: {output_dir / 'lr_find.png'}")
@@ -640,6 +642,8 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     given, else on the validation part of the run's own split."""
     ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     class_names = list(checkpoint["class_names"])
+    if checkpoint.get("multi_label") and not args.label_cols:  # label sets, even where none holds a ';'
+        args.label_sep = args.label_sep or dataset.LABEL_SEP
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
         columns = (args.image_col, args.label_col, args.skip_bad_images, label_format_of(args))
@@ -649,13 +653,9 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     if val_set.multi_label != checkpoint.get("multi_label", False):
         kind = "multi-label" if checkpoint.get("multi_label") else "single-label"
         raise UsageError(f"--evaluate {args.evaluate}: a {kind} model; {val_set.source} is not {kind} data")
-    transforms, resize_size = (
-        build_transforms(checkpoint["image_size"], checkpoint["resize_size"]),
-        checkpoint["resize_size"],
-    )
-    val_data = MyDataset(
-        val_set.samples, val_set.root, class_names, transforms["val"], resize_size, val_set.multi_label
-    )
+    resize_size = checkpoint["resize_size"]
+    transform = build_transforms(checkpoint["image_size"], resize_size)["val"]
+    val_data = MyDataset(val_set.samples, val_set.root, class_names, transform, resize_size, val_set.multi_label)
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
     loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
     predictions = evaluate(model, loader, ctx, BadImageLog(args.skip_bad_images))
@@ -867,8 +867,10 @@ def run_cli(argv=None):
         if os.environ.get("RANK", "0") == "0" or isinstance(e.__cause__, BadImageError):
             print(f"error: {e}", file=sys.stderr)
         if dist.is_initialized():
-            # Exit at once, before the other processes notice that this one is gone: the launcher then sees
-            # this status first, not theirs (a clean shutdown here races with them being stopped).
+            # Exit at once, before the other processes notice that this one is gone: the launcher then sees this
+            # status first, not theirs (a clean shutdown races with them being stopped). Saved checkpoints first.
+            with contextlib.suppress(Exception):
+                run_files.wait_for_checkpoints()
             sys.stdout.flush(), sys.stderr.flush()
             os._exit(2)
         return 2

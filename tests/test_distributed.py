@@ -167,6 +167,13 @@ def test_every_visible_gpu_is_used_by_default(monkeypatch, device, gpus, expecte
     assert train.processes_to_launch(args) == expected
 
 
+def test_lr_find_runs_in_one_process_on_a_machine_with_several_gpus(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    assert train.processes_to_launch(train.get_args_parser().parse_args(["--lr-find"])) == 1
+
+
 def test_the_default_launch_is_announced_with_how_to_use_one_gpu(monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

@@ -143,3 +143,13 @@ def test_report_rows_and_summary_line():
     assert confusion.tolist() == [[1, 1, 0], [0, 1, 1], [1, 0, 1]]
     line = metrics.summary_line(rows)
     assert line.startswith("accuracy 0.500 (95% CI ") and "macro AUC" in line and "ECE" in line
+
+
+def test_validation_loss_is_the_mean_negative_log_probability_and_a_nan_stays_nan():
+    expected = -sum(math.log(row[label] / sum(row)) for row, label in zip(TABLE, TABLE_LABELS)) / len(TABLE)
+    assert metrics.mean_loss(predictions_of(TABLE, TABLE_LABELS)) == pytest.approx(expected, rel=1e-6)
+    certain = metrics.Predictions(torch.arange(1), torch.tensor([0]), torch.tensor([[1e-9, -30.0]]))
+    assert metrics.mean_loss(certain) == 0.0  # a log-probability rounded above 0 is no negative loss
+    # A model that outputs NaN (diverged, or a broken kernel) must show it, not a perfect 0.000.
+    broken = metrics.Predictions(torch.arange(2), torch.tensor([0, 1]), torch.full((2, 2), float("nan")))
+    assert math.isnan(metrics.epoch_scores(broken)["val_loss"])

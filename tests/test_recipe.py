@@ -310,6 +310,12 @@ def test_range_test_stops_before_a_non_finite_loss():
     assert all(math.isfinite(loss) for loss in losses)
 
 
+def test_a_range_test_without_one_finite_loss_suggests_nothing():
+    (lrs, losses, smoothed), _ = synthetic_range_test(lambda lr: math.nan)
+    assert lrs == losses == smoothed == []
+    assert recipe.suggest_lr(lrs, smoothed) is None  # train.find_lr turns this into a one-line error
+
+
 def test_suggestion_is_the_steepest_descent_before_the_minimum():
     lrs = list(np.geomspace(1e-7, 10, 100))
     x = np.log10(lrs)
