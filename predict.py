@@ -239,6 +239,8 @@ def main(args):
     groups = collect_images(args.images, args.image_col, args.root)  # first: input mistakes show up at once
     probabilities, checkpoint, device = load_predictor(args.checkpoint, args)
     class_names = list(checkpoint["class_names"])
+    if args.threshold is not None and not checkpoint.get("multi_label"):
+        raise UsageError(f"--threshold is for multi-label models; {args.checkpoint} picks the most probable class")
 
     # Exactly the validation preprocessing of the run: same reduction, resize, crop and normalisation.
     resize_size = checkpoint["resize_size"]

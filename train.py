@@ -167,6 +167,8 @@ def check_args(args):
         raise UsageError(f"--progressive {args.progressive} must be below --image-size {args.image_size}")
     if args.lr_find and (args.resume or args.folds):
         raise UsageError("--lr-find tries learning rates on a fresh model; drop --resume/--folds")
+    if args.label_sep and args.label_cols:
+        raise UsageError("--label-sep splits one label column, --label-cols reads 0/1 columns; give one of them")
     if args.uncertain and not args.label_cols:
         raise UsageError("--uncertain says what -1 means in --label-cols columns; add --label-cols")
     if args.data and args.group_col:

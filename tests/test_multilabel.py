@@ -112,6 +112,13 @@ def test_folders_with_a_multi_label_flag_is_a_one_line_error(tmp_path, capsys):
     assert err.count("\n") == 0 and "multi-label" in err and "--csv" in err
 
 
+def test_label_sep_with_label_cols_is_a_one_line_error(tmp_path, capsys):
+    csv_path = write_csv(tmp_path / "l.csv", [("a.png", "1")], ("image", "A"))
+    assert run_train("--csv", csv_path, "--label-cols", "A", "--label-sep", "|", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--label-sep" in err and "--label-cols" in err
+
+
 def test_the_stratified_split_keeps_every_label_in_both_parts(tmp_path):
     sets, _, root = write_shapes(tmp_path, count=40)
     train_set, val_set, class_names = image_sets(sets, root)
@@ -286,6 +293,10 @@ def test_grad_cam_gives_a_multi_label_models_own_probabilities(trained, tmp_path
         out = tmp_path / f"{len(extra)}.csv"
         assert predict.run_cli([str(run_dir / "best.pt"), *images, "--out", str(out), "--device", "cpu", *extra]) == 0
         outputs.append(read_rows(out))
+    assert (
+        predict.run_cli([str(run_dir / "best.pt"), *images[:1], "--threshold", "0.3", "--out", str(tmp_path / "t.csv")])
+        == 0
+    )
     for plain, with_cam in zip(*outputs):  # sigmoids, not a softmax over the classes
         assert plain["labels"] == with_cam["labels"]
         assert [float(plain[n]) for n in SHAPES] == pytest.approx([float(with_cam[n]) for n in SHAPES], abs=1e-5)

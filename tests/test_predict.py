@@ -128,7 +128,9 @@ def test_checkpoint_with_a_malicious_pickle_is_refused(tiny_data, tmp_path, caps
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("mistake", ["not_a_checkpoint", "wrong_checkpoint", "no_images", "no_image_column", "topk"])
+@pytest.mark.parametrize(
+    "mistake", ["not_a_checkpoint", "wrong_checkpoint", "no_images", "no_image_column", "topk", "threshold"]
+)
 def test_user_mistakes_exit_2_with_one_line(mistake, untrained_checkpoint, tiny_data, tmp_path, capsys):
     checkpoint, inputs, extra = untrained_checkpoint, [tiny_data[1]], []
     if mistake == "not_a_checkpoint":
@@ -143,6 +145,8 @@ def test_user_mistakes_exit_2_with_one_line(mistake, untrained_checkpoint, tiny_
         inputs = [tmp_path / "empty"]
     elif mistake == "no_image_column":
         inputs = [write_csv(tmp_path / "list.csv", [("cat_0.png",)], header=("path",))]
+    elif mistake == "threshold":
+        extra = ["--threshold", "0.5"]  # a single-label model takes the most probable class, not a threshold
     else:
         extra = ["--topk", "0"]
     assert run_predict(checkpoint, *inputs, "--out", tmp_path / "pred.csv", *extra) == 2
@@ -154,6 +158,7 @@ def test_user_mistakes_exit_2_with_one_line(mistake, untrained_checkpoint, tiny_
         "no_images": "no images found",
         "no_image_column": "no column 'image'",
         "topk": "--topk must be at least 1",
+        "threshold": "--threshold is for multi-label models",
     }[mistake]
     assert expected in err
     assert not (tmp_path / "pred.csv").exists()
