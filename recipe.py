@@ -18,7 +18,7 @@ from torchvision.transforms import v2
 AUGMENTS = ("basic", "trivial", "randaugment", "augmix")
 DEFAULT_EMA_DECAY = 0.999
 # Multi-label's default RandomResizedCrop scale: at the single-label 0.08, about 40% of findings covering 3% of
-# the image end up less than half inside the crop while their label stays; at 0.5, 14% (measured: README).
+# the image end up less than half inside the crop while their label stays; at 0.5, 14% (benchmarks/crop_scale.py).
 MULTI_LABEL_CROP_SCALE = 0.5
 # --recipe modern: chosen by measurement for a few thousand images trained for tens of epochs (README, "A better
 # recipe"). Left out because they cost accuracy in such short runs: TrivialAugment, MixUp/CutMix, random

@@ -406,7 +406,8 @@ def test_progressive_resizing_trains_each_epoch_at_its_size(train_tiny, monkeypa
         return original(model, loss_fn, optimizer, scheduler, scaler, loader, ctx, args, epoch, *rest, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", spying)
-    assert train_tiny("--epochs", "4", "--image-size", "48", "--progressive", "16")[0] == 0
+    # fp32: bf16 on a CPU has turned a 16 -> 48 px size change into a NaN loss, now and then (README)
+    assert train_tiny("--epochs", "4", "--image-size", "48", "--progressive", "16", "--amp", "off")[0] == 0
     assert seen == {epoch: {recipe.progressive_size(epoch, 4, 16, 48)} for epoch in range(1, 5)}
     assert [min(sizes) for sizes in seen.values()] == [16, 32, 48, 48]
 
