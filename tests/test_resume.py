@@ -171,7 +171,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
     assert run_train(*training_command(tiny_data, straight, "--epochs", epochs)[2:]) == 0
     rng = random.Random(0)
     kills = 0
-    for _ in range(3):
+    for _ in range(2):  # each kill costs a process start (~6 s): two show the resume after a kill, twice
         process = start_training(tiny_data, killed, "--epochs", epochs, "--resume")
         if not printed(process, "train_loss"):
             break  # the run finished before this kill
@@ -181,7 +181,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
         kills += 1
         torch.load(killed / "last.pt", weights_only=True)  # must always load
         torch.load(killed / "best.pt", weights_only=True)
-    assert kills >= 2
+    assert kills == 2
     finish = subprocess.run(training_command(tiny_data, killed, "--epochs", epochs, "--resume"), capture_output=True)
     assert finish.returncode == 0, finish.stderr
     assert_same_weights(weights(straight / "last.pt"), weights(killed / "last.pt"))
