@@ -223,15 +223,21 @@ def groups_from_pattern(samples, pattern, source):
     return samples.assign(group=groups)
 
 
-def read_images(csv_path, image_col="image"):
-    """Read only the image column of a CSV (for prediction): a DataFrame with columns image and line."""
+def read_images(csv_path, image_col="image", label_col="label"):
+    """Read the images of a CSV to predict: a DataFrame with columns image, line and label, the text of
+    `label_col` as it is (a class, a label set, empty), to score the predictions against; None without it."""
     header, rows = read_csv_rows(csv_path)
     if image_col not in header:
         found = ", ".join(repr(name) for name in header)
         raise DataError(f"{csv_path}: no column {image_col!r} (columns found: {found}); name it with --image-col")
     at = header.index(image_col)
-    records = [(fields[at].strip().replace("\\", "/"), line) for line, fields in rows if fields[at].strip()]
-    return pd.DataFrame(records, columns=["image", "line"])
+    label_at = header.index(label_col) if label_col in header and label_col != image_col else None
+    records = [
+        (fields[at].strip().replace("\\", "/"), line, None if label_at is None else fields[label_at].strip())
+        for line, fields in rows
+        if fields[at].strip()
+    ]
+    return pd.DataFrame(records, columns=["image", "line", "label"])
 
 
 def read_csv_rows(csv_path):

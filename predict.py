@@ -39,7 +39,6 @@ from dataset import (
     DataError,
     MyDataset,
     collate_skipping_bad,
-    read_csv_rows,
     read_images,
     resolve_image_path,
 )
@@ -74,20 +73,6 @@ def get_args_parser():
     return parser
 
 
-def read_image_column(csv_path, image_col):
-    """A CSV's images as a DataFrame (image, label, line). label is the text of the CSV's 'label' column, to score
-    the predictions against: a class, or for a multi-label model a set such as 'a;b' ('' for none); None
-    without that column. Whether the model is multi-label is known only once it is loaded."""
-    header, rows = read_csv_rows(csv_path)
-    samples = read_images(csv_path, image_col)
-    labels = {}
-    if "label" in header and image_col != "label":
-        at = header.index("label")
-        labels = {line: fields[at].strip() for line, fields in rows}
-    samples["label"] = [labels.get(line) for line in samples["line"]]
-    return samples
-
-
 def collect_images(inputs, image_col, root):
     """Everything to predict, in order: a list of (samples, root) where samples has image, label, line columns;
     root is None for files named or found in folders (their paths are used as they are)."""
@@ -105,7 +90,8 @@ def collect_images(inputs, image_col, root):
             )
             groups.append((unlabelled([str(p) for p in found]), None))
         elif path.suffix.lower() == ".csv" and path.is_file():
-            groups.append((read_image_column(path, image_col), Path(root) if root else path.parent))
+            # label: the 'label' column's text, read as a class or a label set once the model says which
+            groups.append((read_images(path, image_col), Path(root) if root else path.parent))
         elif path.exists():
             groups.append((unlabelled([arg]), None))  # named explicitly: tried whatever its extension
         else:

@@ -171,7 +171,7 @@ def test_kill_9_at_random_moments_never_leaves_an_unloadable_checkpoint(tiny_dat
     assert run_train(*training_command(tiny_data, straight, "--epochs", epochs)[2:]) == 0
     rng = random.Random(0)
     kills = 0
-    for _ in range(2):  # each kill costs a process start (~6 s): two show the resume after a kill, twice
+    for _ in range(2):  # two kills, each resumed; every kill costs a process start (~6 s)
         process = start_training(tiny_data, killed, "--epochs", epochs, "--resume")
         if not printed(process, "train_loss"):
             break  # the run finished before this kill
