@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from run_files import UsageError
+from errors import UsageError, one_line
 
 TOKEN_MODELS = ("vit_", "swin_", "swin3d")
 
@@ -147,7 +147,7 @@ def draw_val_cam(output_dir, best_path, model, model_name, to_device, prediction
         grad_cam = GradCam(model, model_name, images.shape[-1], target=predicted)
         _, maps = grad_cam.maps(to_device(images))
     except Exception as e:
-        print(f"warning: could not draw val_cam.jpg ({type(e).__name__}: {run_files.one_line(e)})", file=sys.stderr)
+        print(f"warning: could not draw val_cam.jpg ({type(e).__name__}: {one_line(e)})", file=sys.stderr)
         return False
     return plots.draw_predictions(output_dir, overlay(images, maps), true, predicted, confidence, data.class_names,
                                   name="val_cam.jpg")  # fmt: skip

@@ -7,7 +7,7 @@ import difflib
 import math
 import re
 
-from run_files import UsageError
+from errors import UsageError
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -2,14 +2,15 @@
 layout, the normalisation constants on the device, the process's rank, and how many DataLoader workers fit.
 train.py, predict.py and export.py all build their `Context` here, so a model runs the same way in each."""
 
+import collections
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
-import dataset
-from run_files import UsageError
+from errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -82,4 +83,38 @@ def loader_workers(requested, device, world_size=1):
         # The model trains on these same cores and needs ~50x the loader's time per image; measured on 2 cores,
         # loading in the main process beats 1 or 2 worker processes by 10-27% (benchmarks/benchmark.py).
         return 0
-    return min(8, max(1, dataset.cpu_cores() // world_size))
+    return min(8, max(1, cpu_cores() // world_size))
+
+
+def cpu_cores():
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def decode_threads():
+    """Threads for decoding images: the cores this process may use, shared among the processes that torchrun
+    starts on this machine. Pillow releases the GIL while it decodes and resizes."""
+    return max(1, cpu_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def map_in_threads(function, items, threads):
+    """Yield function(item) for each item, in order, computed on `threads` threads with a few items in flight
+    per thread (not a future per item up front); an error or Ctrl-C cancels the ones not started."""
+    pool = ThreadPoolExecutor(max(1, threads))
+    pending = collections.deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(function, item))
+            if len(pending) >= 4 * threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def physical_memory():
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0  # unknown (Windows): never cache automatically

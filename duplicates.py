@@ -1,7 +1,7 @@
 """Copies of one image in two parts of a split (train, val, test): the same image exported twice, resized,
 re-encoded, slightly brightened or cropped. Validation on such a copy measures memory, not the model.
 
-Every image is decoded once, reduced (JPEGs by draft decoding, as dataset.load_image does), into three
+Every image is decoded once, reduced (JPEGs by draft decoding, as load_image does), into three
 fingerprints: the reduced pixels themselves (equal: an exact copy), a 64-bit perceptual hash (imagehash's
 pHash), and a 16x16 colour thumbnail. All pairs are compared at once on the pHash (vectorised Hamming
 distance); a pair within NEAR_DISTANCE is a near copy when its thumbnails also correlate at NEAR_CORRELATION
@@ -18,8 +18,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-import dataset
-from run_files import write_csv_atomically
+import devices
+import errors
+from files import write_csv_atomically
+from images import load_image, resolve_image_path
 
 DECODE_SIDE = 64  # pixels of the shorter side the fingerprints are computed from
 NEAR_DISTANCE = 10  # of 64 pHash bits
@@ -41,7 +43,7 @@ def fingerprint(path):
     from PIL import Image
 
     try:
-        image = dataset.load_image(path, DECODE_SIDE)
+        image = load_image(path, DECODE_SIDE)
     except Exception:
         return None  # the image check has already decided about unreadable files
     exact = (image.size, image.tobytes())
@@ -59,8 +61,8 @@ def find_duplicates(parts):
             continue
         for image, label in zip(part.samples["image"], part.samples["label"]):
             names.append(name), images.append(image), labels.append(label)
-            paths.append(dataset.resolve_image_path(part.root, image))
-    prints = list(dataset.map_in_threads(fingerprint, paths, dataset.decode_threads()))
+            paths.append(resolve_image_path(part.root, image))
+    prints = list(devices.map_in_threads(fingerprint, paths, devices.decode_threads()))
     kept = [i for i, p in enumerate(prints) if p is not None]
     exact = np.array([prints[i][0] for i in kept], dtype=np.int64)
     phash = np.array([prints[i][1] for i in kept], dtype=np.uint64)
@@ -115,7 +117,7 @@ def without_copies(found, val_set, test_set):
         for name, part in (("val", val_set), ("test", test_set))
     ]
     if kept[0].samples.empty:
-        raise dataset.DataError(f"--dedupe: every validation image copies a training image ({val_set.source})")
+        raise errors.DataError(f"--dedupe: every validation image copies a training image ({val_set.source})")
     return tuple(kept)
 
 

@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +31,8 @@ import torch
 import cli
 import run_files
 import train
-from run_files import UsageError, one_line
+from errors import UsageError, one_line
+from files import WriteError, move_into_place
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
 METADATA_KEY = "classifier"  # ONNX metadata_props key; the .pt2 holds the same JSON as "classifier.json"
@@ -199,14 +199,7 @@ def largest_difference(model, run_exported, batches):
 def publish(folder, out):
     """Move the checked files from the temporary folder into place, the model file last: until it lands, an
     earlier export at --out stays whole."""
-    files = sorted(folder.iterdir(), key=lambda p: p.name == out.name)
-    try:
-        for path in files:
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(path, out.parent / path.name)
-    except OSError as e:
-        raise UsageError(f"could not write {out}: {e.strerror or e}") from None
+    move_into_place(sorted(folder.iterdir(), key=lambda p: p.name == out.name), out.parent)
 
 
 def main(args):
@@ -258,7 +251,7 @@ def run_cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(get_args_parser().parse_args(argv))
-    except UsageError as e:
+    except (UsageError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except ExportError as e:

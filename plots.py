@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
+from errors import one_line
+from files import write_atomically
 from metrics import display_width
-from run_files import one_line, write_atomically
 
 PICTURE_DPI = 100
 GRID_CELL = 128  # pixels of an image in the prediction and batch grids

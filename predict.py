@@ -34,15 +34,11 @@ import cli
 import export
 import run_files
 import train
-from dataset import (
-    MISSING_LABELS,
-    DataError,
-    MyDataset,
-    collate_skipping_bad,
-    read_images,
-    resolve_image_path,
-)
-from run_files import UsageError, one_line
+from dataset import MyDataset, collate_skipping_bad
+from errors import DataError, UsageError, one_line
+from files import WriteError, write_atomically
+from images import resolve_image_path
+from labels import MISSING_LABELS, read_images
 
 
 def get_args_parser():
@@ -211,7 +207,7 @@ class CamFiles:
             )
 
     def save(self, name, picture, image_format):
-        run_files.write_atomically(self.folder / name, lambda f: picture.save(f, image_format, quality=90))
+        write_atomically(self.folder / name, lambda f: picture.save(f, image_format, quality=90))
 
 
 def main(args):
@@ -312,7 +308,7 @@ def write_rows(args, columns, rows, shown, skipped):
     text = io.StringIO()
     csv.writer(text, lineterminator="\n").writerows([columns] + rows)
     out = Path(args.out) if args.out else Path(args.checkpoint).parent / "predictions.csv"
-    run_files.write_atomically(out, lambda f: f.write(text.getvalue().encode()))
+    write_atomically(out, lambda f: f.write(text.getvalue().encode()))
     printed = io.StringIO()
     csv.writer(printed, lineterminator="\n").writerows(row[:shown] for row in [columns] + rows)
     sys.stdout.write(printed.getvalue())
@@ -327,7 +323,7 @@ def run_cli(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         return main(get_args_parser().parse_args(argv))
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

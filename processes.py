@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import dataset
+import devices
 
 
 def processes_to_launch(args):
@@ -36,7 +36,7 @@ def launch_processes(nproc, argv):
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # each process reports its own error
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, dataset.cpu_cores() // nproc)))  # share, not oversubscribe
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, devices.cpu_cores() // nproc)))  # share, not oversubscribe
     rendezvous = dict(rdzv_backend="c10d", rdzv_endpoint="localhost:0", run_id=f"train-{os.getpid()}")
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, max_restarts=0, **rendezvous)
     try:

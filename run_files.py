@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 
 import metrics
+from errors import UsageError, one_line
+from files import write_atomically, write_csv_atomically
 
 CHECKPOINT_VERSION = 1
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
@@ -41,57 +43,6 @@ EVALUATE_FLAGS = RESUMABLE_FLAGS | {
 }
 # Never taken from a saved run: where it lives and what to do with it, and the machine it continues on.
 NOT_SAVED_FLAGS = {"resume", "output_dir", "evaluate", "device", "nproc"}
-
-
-class UsageError(Exception):
-    """A bad flag or an impossible request. The message is meant for the user, as one line."""
-
-
-def one_line(error):
-    """The first line of an exception's message, for one-line errors."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-def write_atomically(path, write):
-    """Call write(f) on a temporary file in the same folder, fsync it, then rename it over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise UsageError(f"could not write {path}: {e.strerror or e}; earlier files there are intact") from None
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def write_csv_atomically(path, header, rows):
-    lines = [",".join(_csv_field(row.get(c)) for c in header) for row in [dict(zip(header, header)), *rows]]
-    write_atomically(path, lambda f: f.write(("\n".join(lines) + "\n").encode()))
-
-
-def _csv_field(value):
-    """A CSV cell; None and NaN (a score that is undefined here, such as the AUC of an absent class) are empty."""
-    if value is None or (isinstance(value, float) and value != value):
-        return ""
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    text = str(value)
-    return '"' + text.replace('"', '""') + '"' if any(c in text for c in ',"\n\r') else text
 
 
 # ------------------------------------------------------------------------------------------- run folder

@@ -43,11 +43,15 @@ import metrics
 import plots
 import recipe
 import run_files
+import splits
 from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SMOOTHING
-from dataset import BadImageError, BadImageLog, DataError, MyDataset
+from dataset import BadImageLog, MyDataset
 from devices import choose_device, loader_workers, make_context
+from errors import BadImageError, DataError, UsageError, one_line
+from files import WriteError
+from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, label_matrix
 from processes import StopRequest, launch_processes, processes_to_launch
-from run_files import UsageError, one_line, save_checkpoint
+from run_files import save_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,7 +73,7 @@ def get_args_parser():
     data("--label-col", help="column of labels (default: 'label', or the second of two)")
     data("--label-sep", help="multi-label: the separator of several labels in a value (default: ';', found by itself)")
     data("--label-cols", help="multi-label: 0/1 columns, one per class, as 'A,B,C', or 'all' (all but image/group)")
-    data("--uncertain", choices=dataset.UNCERTAIN_POLICIES, help="what -1 in --label-cols means (default: an error)")
+    data("--uncertain", choices=UNCERTAIN_POLICIES, help="what -1 in --label-cols means (default: an error)")
     data("--val-csv", help="separate validation CSV; replaces --val-split")
     data("--val-root", help="folder the --val-csv paths are relative to (default: --root)")
     data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
@@ -212,10 +216,10 @@ def preprocessing_of(args):
 
 def load_samples(args):
     """(train, val, test, class_names, split_method, copies): every image checked before training; validation is
-    --val-split of them without a val CSV or folder (dataset.labelled_image_sets); copies across parts found."""
+    --val-split of them without a val CSV or folder (splits.labelled_image_sets); copies across parts found."""
     sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
     columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
-    train_set, val_set, test_set, class_names, split_method = dataset.labelled_image_sets(
+    train_set, val_set, test_set, class_names, split_method = splits.labelled_image_sets(
         *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
         folds=args.folds, fold=args.fold, label_format=label_format_of(args),
     )  # fmt: skip
@@ -230,12 +234,12 @@ def load_samples(args):
 
 
 def label_format_of(args):
-    return dataset.LabelFormat(args.label_sep, args.label_cols, args.uncertain)
+    return LabelFormat(args.label_sep, args.label_cols, args.uncertain)
 
 
 def build_datasets(args, train_set, val_set, test_set, class_names, resize_size):
     """MyDatasets for each part (test None without a test set), cached in RAM per --cache. Images are
-    decoded at the size their transform needs (see dataset.reduce_on_load), cached or not: training at 2x the
+    decoded at the size their transform needs (see images.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
     transforms = build_transforms(args.image_size, resize_size, args.augment, args.crop_scale, args.random_erasing)
     multi = train_set.multi_label
@@ -455,7 +459,7 @@ def train_one_epoch(
     for step, (images, labels, bad) in enumerate(bar):
         bad_images.handle(bad)
         if images is None and ctx.world_size > 1:  # DDP needs every process in every step
-            first = dataset.where(bad[0].line, bad[0].image)
+            first = images.where(bad[0].line, bad[0].image)
             raise BadImageError(f"every image of a batch failed to decode, the first: {first}")
         # Gradients of a group of batches add up; each loss is divided by the group's size so that the sum
         # is the mean over the group, as one big batch. The last group of the epoch may be smaller.
@@ -605,7 +609,7 @@ def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_meth
     )
     counts = train_set.samples["label"].value_counts()
     if train_set.multi_label:  # images with each label
-        counts = dict(zip(class_names, np.nansum(dataset.label_matrix(train_set.samples, class_names), 0).astype(int)))
+        counts = dict(zip(class_names, np.nansum(label_matrix(train_set.samples, class_names), 0).astype(int)))
     test = f" / {len(test_set.samples)} test" if test_set is not None else ""
     print(
         f"{len(train_set.samples)} train / {len(val_set.samples)} val{test} images ({split_method} split), "
@@ -645,11 +649,11 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     class_names = list(checkpoint["class_names"])
     if checkpoint.get("multi_label") and not args.label_cols:  # label sets, even where none holds a ';'
-        args.label_sep = args.label_sep or dataset.LABEL_SEP
+        args.label_sep = args.label_sep or LABEL_SEP
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
         columns = (args.image_col, args.label_col, args.skip_bad_images, label_format_of(args))
-        val_set = dataset.evaluation_image_set(args.val_csv, val_root, class_names, *columns)
+        val_set = splits.evaluation_image_set(args.val_csv, val_root, class_names, *columns)
     else:
         val_set = load_samples(args)[1]
     if val_set.multi_label != checkpoint.get("multi_label", False):
@@ -864,7 +868,7 @@ def run_cli(argv=None):
                 argv = [*argv, "--output-dir", str(run_files.choose_output_dir(None, args.resume, HERE))]
             return launch_processes(nproc, argv)
         return cross_validate(args, argv) if args.folds else main(args, argv)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, WriteError) as e:
         # A setup mistake is the same in every torchrun process: rank 0 says it; a bad image is in one's shard.
         if os.environ.get("RANK", "0") == "0" or isinstance(e.__cause__, BadImageError):
             print(f"error: {e}", file=sys.stderr)

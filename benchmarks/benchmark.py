@@ -46,6 +46,10 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageChops
 
+import devices
+import splits
+from labels import read_image_sets, read_labels, sorted_class_names
+
 REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 5  # the tutorial's nn.Linear(in_channel, 5)
 
@@ -253,10 +257,9 @@ class Ours:
 
         # Every image trains (no split, like A), checked as train.py checks them; a one-image validation set only
         # because build_datasets wants one.
-        import dataset
 
-        everything = dataset.checked(dataset.read_image_sets(csv=args.csv, root=args.root)[0])
-        class_names = dataset.sorted_class_names(everything.samples["label"])
+        everything = splits.checked(read_image_sets(csv=args.csv, root=args.root)[0])
+        class_names = sorted_class_names(everything.samples["label"])
         val_set = everything._replace(samples=everything.samples.head(1))
 
         # train.main()'s stages, in its order.
@@ -439,9 +442,9 @@ def side_loader_rate(side, csv_path, root, image_size, batch_size, seed, short_s
     if side == "original":
         data, collate = OriginalDataset(csv_path, root, original_transform(image_size)), None
     else:
-        samples = dataset.read_labels(csv_path)
+        samples = read_labels(csv_path)
         transform = train.build_transforms(image_size)["train"]
-        data = dataset.MyDataset(samples, root, dataset.sorted_class_names(samples["label"]), transform, short_side)
+        data = dataset.MyDataset(samples, root, sorted_class_names(samples["label"]), transform, short_side)
         collate = dataset.collate_skipping_bad
     for index in range(min(2, len(data))):  # first calls: lazy imports, Pillow's plugins
         data[index]
@@ -461,12 +464,11 @@ def fresh_loader_rate(*args):
 
 
 def cache_fill(make_data, threads=None):
-    """(seconds, dataset) for fill_cache on a fresh dataset; `threads` overrides dataset.decode_threads."""
-    import dataset
+    """(seconds, dataset) for fill_cache on a fresh dataset; `threads` overrides devices.decode_threads."""
 
-    chosen = dataset.decode_threads
+    chosen = devices.decode_threads
     if threads is not None:
-        dataset.decode_threads = lambda: threads
+        devices.decode_threads = lambda: threads
     try:
         data = make_data()
         started = time.perf_counter()
@@ -474,7 +476,7 @@ def cache_fill(make_data, threads=None):
             data.fill_cache()
         return time.perf_counter() - started, data
     finally:
-        dataset.decode_threads = chosen
+        devices.decode_threads = chosen
 
 
 def whole_run(csv_path, root, cache, output_dir):
@@ -522,8 +524,8 @@ def run_photos(opts):
             flush=True,
         )
 
-        samples = dataset.read_labels(csv_path)
-        class_names = dataset.sorted_class_names(samples["label"])
+        samples = read_labels(csv_path)
+        class_names = sorted_class_names(samples["label"])
         train_transform = train.build_transforms(opts.image_size)["train"]
 
         def ours(short=short_side, data_samples=samples, data_root=root):
@@ -562,7 +564,7 @@ def run_photos(opts):
         small_rates = {name: statistics.median(values) for name, values in small_rates.items()}
 
         # 2. The cache fill, ours, on one thread and on all.
-        threads = dataset.decode_threads()
+        threads = devices.decode_threads()
         serial_seconds, _ = cache_fill(ours, threads=1)
         fill_seconds, cached = cache_fill(ours)
         cached_mb = cached.cache[0].numel() / 1e6

@@ -19,8 +19,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dataset  # noqa: E402
+import devices
 import duplicates  # noqa: E402
+from labels import ImageSet
 
 
 def write_images(folder, count, size, seed=0):
@@ -40,7 +41,7 @@ def main():
     parser.add_argument("--images", type=int, nargs="+", default=[2000, 20000], help="image counts to time")
     parser.add_argument("--size", type=int, default=128, help="side of the square JPEGs")
     args = parser.parse_args()
-    print(f"{dataset.cpu_cores()} cores, {dataset.decode_threads()} decode threads")
+    print(f"{devices.cpu_cores()} cores, {devices.decode_threads()} decode threads")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         names = write_images(folder, max(args.images), args.size)
@@ -48,12 +49,12 @@ def main():
             samples = pd.DataFrame({"image": names[:count], "label": "a"})
             split = int(0.7 * count)
             parts = {
-                "train": dataset.ImageSet(samples[:split], folder, "train"),
-                "val": dataset.ImageSet(samples[split:].reset_index(drop=True), folder, "val"),
+                "train": ImageSet(samples[:split], folder, "train"),
+                "val": ImageSet(samples[split:].reset_index(drop=True), folder, "val"),
             }
             paths = [folder / name for name in names[:count]]
             start = time.perf_counter()
-            prints = list(dataset.map_in_threads(duplicates.fingerprint, paths, dataset.decode_threads()))
+            prints = list(devices.map_in_threads(duplicates.fingerprint, paths, devices.decode_threads()))
             fingerprinted = time.perf_counter() - start
             phash = np.array([p[1] for p in prints], dtype=np.uint64)
             exact = np.array([p[0] for p in prints], dtype=np.int64)

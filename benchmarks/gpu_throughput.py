@@ -21,6 +21,8 @@ from pathlib import Path
 import benchmark  # benchmarks/benchmark.py: the synthetic images, train.py's path (Ours) and the timing helpers
 import torch
 
+import devices
+
 
 def get_args_parser():
     parser = argparse.ArgumentParser(
@@ -55,9 +57,8 @@ def measure(csv_path, root, opts, batch_size):
 
 def main(opts):
     benchmark.load_train()  # puts the repository root on sys.path
-    import dataset
 
-    opts.workers = dataset.cpu_cores() if opts.workers is None else opts.workers
+    opts.workers = devices.cpu_cores() if opts.workers is None else opts.workers
     batch_sizes = [int(size) for size in opts.batch_sizes.split(",")]
     device = torch.device(opts.device)
     print(benchmark.machine_line(device, torch.get_num_threads()), flush=True)

@@ -27,7 +27,9 @@ from conftest import FAST, make_image, run_train, write_csv
 from PIL import Image
 
 import train
-from dataset import BACKGROUND_RGB, DataError, load_image, read_labels
+from errors import DataError
+from images import BACKGROUND_RGB, load_image
+from labels import read_labels
 
 REPO = Path(__file__).resolve().parents[1]
 # The cheapest run that shows an input is accepted: one epoch, fp32 (CPU bf16 autocast can be far slower),

@@ -9,7 +9,7 @@ from PIL import Image
 
 import cam
 import predict
-from run_files import UsageError
+from errors import UsageError
 
 SIZE, PATCH = 146, 44  # the validation resize of --image-size 128 is 146: the images are used as they are
 

@@ -7,7 +7,8 @@ from conftest import FAST, make_image, read_rows, run_train, write_csv
 
 import predict
 import train
-from dataset import DataError, image_folders
+from errors import DataError
+from labels import image_folders
 
 CLASSES = ["cat", "dog", "fox"]
 

@@ -8,12 +8,13 @@ import torch
 from conftest import FAST, read_rows, run_train, write_csv
 from PIL import Image
 
-import dataset
 import metrics
 import plots
 import recipe
+import splits
 import train
-from dataset import DataError, LabelFormat
+from errors import DataError
+from labels import LabelFormat, label_matrix, read_label_columns, read_labels
 
 SHAPES = ["blue", "green", "red"]
 
@@ -40,7 +41,7 @@ def write_shapes(folder, count=120, seed=0):
 
 
 def image_sets(csv_path, root, **format_flags):
-    train_set, val_set, _, class_names, _ = dataset.labelled_image_sets(
+    train_set, val_set, _, class_names, _ = splits.labelled_image_sets(
         None, str(csv_path), str(root), val_split=0.3, seed=0, label_format=LabelFormat(**format_flags)
     )
     return train_set, val_set, class_names
@@ -57,37 +58,37 @@ def test_both_csv_shapes_give_the_same_classes_and_targets(tmp_path):
     for a, b in zip(from_sets[:2], from_columns[:2]):
         assert a.multi_label and b.multi_label
         assert list(a.samples["image"]) == list(b.samples["image"])
-        np.testing.assert_array_equal(dataset.label_matrix(a.samples, SHAPES), dataset.label_matrix(b.samples, SHAPES))
+        np.testing.assert_array_equal(label_matrix(a.samples, SHAPES), label_matrix(b.samples, SHAPES))
 
 
 def test_an_empty_label_set_is_an_image_without_labels(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "cat;dog"), ("b.png", ""), ("c.png", "dog")])
-    samples = dataset.read_labels(csv_path, label_sep=";")
-    np.testing.assert_array_equal(dataset.label_matrix(samples, ["cat", "dog"]), [[1, 1], [0, 0], [0, 1]])
+    samples = read_labels(csv_path, label_sep=";")
+    np.testing.assert_array_equal(label_matrix(samples, ["cat", "dog"]), [[1, 1], [0, 0], [0, 1]])
 
 
 def test_a_label_set_is_sorted_and_without_repeats(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "dog| cat|dog")])
-    assert list(dataset.read_labels(csv_path, label_sep="|")["label"]) == ["cat;dog"]
+    assert list(read_labels(csv_path, label_sep="|")["label"]) == ["cat;dog"]
 
 
 def test_uncertain_minus_one_is_an_error_that_names_the_row_and_column(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "1", "0"), ("b.png", "-1.0", "1")], ("image", "A", "B"))
     with pytest.raises(DataError, match=r"line 3: column 'A' is -1.0 \(uncertain\).*--uncertain"):
-        dataset.read_label_columns(csv_path, "A,B")
+        read_label_columns(csv_path, "A,B")
 
 
 @pytest.mark.parametrize("policy, expected", [("zero", 0.0), ("one", 1.0), ("ignore", np.nan)])
 def test_uncertain_policies(tmp_path, policy, expected):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "-1", "1")], ("image", "A", "B"))
-    samples, classes = dataset.read_label_columns(csv_path, "A,B", policy)
-    np.testing.assert_array_equal(dataset.label_matrix(samples, classes), [[expected, 1.0]])
+    samples, classes = read_label_columns(csv_path, "A,B", policy)
+    np.testing.assert_array_equal(label_matrix(samples, classes), [[expected, 1.0]])
 
 
 def test_a_label_column_value_other_than_0_1_or_empty_names_the_row(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "1", ""), ("b.png", "yes", "0")], ("image", "A", "B"))
     with pytest.raises(DataError, match=r"l.csv line 3: column 'A' is 'yes'; a label column holds 1, 0 or empty"):
-        dataset.read_label_columns(csv_path, "all")
+        read_label_columns(csv_path, "all")
 
 
 def test_a_column_whose_only_values_are_0_and_ignored_uncertain_still_splits(tmp_path):
@@ -102,7 +103,7 @@ def test_a_column_whose_only_values_are_0_and_ignored_uncertain_still_splits(tmp
 def test_label_cols_naming_a_missing_column_is_an_error(tmp_path):
     csv_path = write_csv(tmp_path / "l.csv", [("a.png", "1")], ("image", "A"))
     with pytest.raises(DataError, match=r"no column 'C'.*check --label-cols"):
-        dataset.read_label_columns(csv_path, "A,C")
+        read_label_columns(csv_path, "A,C")
 
 
 def test_folders_with_a_multi_label_flag_is_a_one_line_error(tmp_path, capsys):
@@ -123,7 +124,7 @@ def test_the_stratified_split_keeps_every_label_in_both_parts(tmp_path):
     sets, _, root = write_shapes(tmp_path, count=40)
     train_set, val_set, class_names = image_sets(sets, root)
     for part in (train_set, val_set):
-        assert (dataset.label_matrix(part.samples, class_names).sum(0) > 0).all()
+        assert (label_matrix(part.samples, class_names).sum(0) > 0).all()
     assert abs(len(val_set.samples) - 12) <= 2
 
 

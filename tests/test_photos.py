@@ -10,7 +10,10 @@ from PIL import Image
 from PIL.JpegImagePlugin import JpegImageFile
 
 import dataset
-from dataset import BadImage, DataError, MyDataset, check_images, load_image
+import devices
+from dataset import BadImage, MyDataset
+from errors import DataError
+from images import check_images, load_image
 
 
 def smooth_image(width=600, height=400, seed=0):
@@ -290,7 +293,7 @@ def test_map_in_threads_keeps_the_order():
         time.sleep(0.002 * (50 - value))  # later items finish first
         return value * value
 
-    assert list(dataset.map_in_threads(slow_for_small, range(50), 4)) == [v * v for v in range(50)]
+    assert list(devices.map_in_threads(slow_for_small, range(50), 4)) == [v * v for v in range(50)]
 
 
 def test_map_in_threads_stops_at_an_error():
@@ -302,7 +305,7 @@ def test_map_in_threads_stops_at_an_error():
             raise ValueError("three")
         return value
 
-    results = dataset.map_in_threads(fail_at_three, range(10_000), 2)
+    results = devices.map_in_threads(fail_at_three, range(10_000), 2)
     with pytest.raises(ValueError, match="three"):
         list(results)
     assert len(started) < 100  # the rest were never submitted, or cancelled

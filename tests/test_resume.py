@@ -12,8 +12,7 @@ import pytest
 import torch
 from conftest import FAST, run_train
 
-import run_files
-import train
+import files
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,15 +85,15 @@ def test_resume_refuses_a_csv_that_no_longer_gives_the_same_split(train_tiny, ti
 
 def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
-    run_files.write_atomically(target, lambda f: torch.save({"epoch": 1}, f))
+    files.write_atomically(target, lambda f: torch.save({"epoch": 1}, f))
 
     def disk_full(obj, f):
         f.write(b"partial")
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(train.UsageError, match="No space left"):
-        run_files.write_atomically(target, lambda f: torch.save({"epoch": 2}, f))
+    with pytest.raises(files.WriteError, match="No space left"):
+        files.write_atomically(target, lambda f: torch.save({"epoch": 2}, f))
     assert torch.load(target, weights_only=True) == {"epoch": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 

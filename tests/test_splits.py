@@ -7,8 +7,9 @@ import pytest
 from conftest import FAST, make_image, read_rows, run_train, write_csv
 from PIL import Image, ImageEnhance
 
-import dataset
 import duplicates
+import splits
+from labels import ImageSet
 
 
 def patients(seed, class_shares, count=40):
@@ -27,7 +28,7 @@ def patients(seed, class_shares, count=40):
 @pytest.mark.parametrize("class_shares", [(0.5, 0.5, 0.0), (0.6, 0.3, 0.1), (0.34, 0.33, 0.33)])
 def test_no_patient_is_in_two_parts_and_each_class_keeps_its_share(seed, class_shares):
     labels, groups = patients(seed, class_shares)
-    part = dataset.assign_groups(labels, groups, [0.7, 0.3], seed)
+    part = splits.assign_groups(labels, groups, [0.7, 0.3], seed)
     for patient in set(groups):
         assert len(set(part[groups == patient])) == 1, patient
     for label in set(labels):
@@ -37,9 +38,9 @@ def test_no_patient_is_in_two_parts_and_each_class_keeps_its_share(seed, class_s
 
 def test_the_same_seed_gives_the_same_grouped_split_and_another_seed_another():
     labels, groups = patients(0, (0.5, 0.5, 0.0))
-    first = dataset.assign_groups(labels, groups, [0.7, 0.3], seed=4)
-    assert (dataset.assign_groups(labels, groups, [0.7, 0.3], seed=4) == first).all()
-    assert (dataset.assign_groups(labels, groups, [0.7, 0.3], seed=5) != first).any()
+    first = splits.assign_groups(labels, groups, [0.7, 0.3], seed=4)
+    assert (splits.assign_groups(labels, groups, [0.7, 0.3], seed=4) == first).all()
+    assert (splits.assign_groups(labels, groups, [0.7, 0.3], seed=5) != first).any()
 
 
 @pytest.fixture
@@ -72,10 +73,10 @@ def test_group_col_keeps_every_patient_in_one_part_and_split_csv_names_the_group
 
 
 def image_sets(**sources):
-    """dataset.labelled_image_sets as train.py calls it, for the flags given as keywords."""
+    """splits.labelled_image_sets as train.py calls it, for the flags given as keywords."""
     names = ["data", "csv", "root", "val_csv", "val_root", "test_csv", "test_root", "image_col", "label_col"]
     names += ["group_col", "group_pattern"]
-    return dataset.labelled_image_sets(*(sources.get(name) for name in names), val_split=0.3, seed=0)
+    return splits.labelled_image_sets(*(sources.get(name) for name in names), val_split=0.3, seed=0)
 
 
 def test_a_patient_like_column_without_group_col_gives_a_hint(patient_csv, capsys):
@@ -152,9 +153,7 @@ def planted_copies(folder):
         ("copy_jpeg.jpg", "b"),
         ("copy_bright.png", "b"),
     ]
-    return {
-        name: dataset.ImageSet(pd.DataFrame(r, columns=["image", "label"]), folder, name) for name, r in rows.items()
-    }
+    return {name: ImageSet(pd.DataFrame(r, columns=["image", "label"]), folder, name) for name, r in rows.items()}
 
 
 def test_exact_and_near_copies_across_parts_are_found_and_nothing_else(tmp_path):

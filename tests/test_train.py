@@ -5,7 +5,9 @@ import torch
 from conftest import FAST, read_rows, run_train, write_csv
 
 import train
-from dataset import ImageSet, load_image, read_labels, sorted_class_names, split_samples
+from images import load_image
+from labels import ImageSet, read_labels, sorted_class_names
+from splits import split_samples
 
 
 def test_run_writes_checkpoints_metrics_and_split(train_tiny):
