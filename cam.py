@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.nn as nn
 
+import models
 from errors import UsageError, one_line
 
 TOKEN_MODELS = ("vit_", "swin_", "swin3d")
@@ -80,7 +81,7 @@ class GradCam:
         maps = LayerAttribution.interpolate(attributions.float(), tuple(batch.shape[2:]), "bilinear")[:, 0]
         peak = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
         logits = self.chosen.logits.float()
-        probabilities = logits.sigmoid() if self.multi_label else logits.softmax(1)
+        probabilities = models.probabilities(logits, self.multi_label)
         return probabilities.cpu(), (maps / peak).clamp(0, 1).detach().cpu()
 
 

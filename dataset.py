@@ -4,6 +4,7 @@ stops or skips it). Which images there are and their labels: labels.py; how to o
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -38,7 +39,9 @@ class MyDataset(Dataset):
     (see `reduce_on_load`): 2 * the crop size for RandomResizedCrop, the Resize size for validation.
     """
 
-    def __init__(self, samples, root, class_names, transform=None, short_side=None, multi_label=False):
+    def __init__(
+        self, samples, root, class_names, transform=None, short_side=None, multi_label=False, row_numbers_from=None
+    ):
         self.root = Path(root) if root is not None else None  # None: image paths are used as they are
         self.images = list(samples["image"])
         self.lines = list(samples["line"])
@@ -46,10 +49,12 @@ class MyDataset(Dataset):
         self.class_names = list(class_names)
         self.multi_label = multi_label
         index_of = {name: i for i, name in enumerate(class_names)}
-        if multi_label:  # (N, C) float32 multi-hot rows, NaN where unknown (see label_matrix)
+        if row_numbers_from is not None:  # unlabelled (prediction): each image carries its row number instead
+            self.targets = list(range(row_numbers_from, row_numbers_from + len(self.images)))
+        elif multi_label:  # (N, C) float32 multi-hot rows, NaN where unknown (see label_matrix)
             self.targets = label_matrix(samples, self.class_names)
-        else:  # -1 for an unlabelled image (prediction)
-            self.targets = [-1 if label is None else index_of[label] for label in samples["label"]]
+        else:
+            self.targets = [index_of[label] for label in samples["label"]]
         self.transform = transform
         self.short_side = short_side
         self.cache = None
@@ -165,3 +170,22 @@ def collate_skipping_bad(batch):
     bad = [sample[0] for sample in batch if isinstance(sample[0], BadImage)]
     images, labels = default_collate(good) if good else (None, None)
     return images, labels, bad
+
+
+def _ignore_signals_in_worker(worker_id):
+    # Ctrl-C reaches the whole process group; the main process decides when to stop and shuts workers down.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def loader_options(workers, device, persistent=True):
+    return dict(
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=device.type == "cuda",
+        # Persistent workers keep their random state across epochs, which a resumed run cannot restore;
+        # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume. Not with
+        # --progressive: workers copy the transform when they start, so they must start with each epoch's size.
+        persistent_workers=workers > 0 and device.type == "cuda" and persistent,
+        worker_init_fn=_ignore_signals_in_worker if workers > 0 else None,
+    )

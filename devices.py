@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from errors import UsageError
+from presets import channel_constants, normalize
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class Context:
 
 
 def make_context(device, amp, mean, std, rank=0, world_size=1):
-    mean, std = (torch.tensor(values, device=device).view(1, 3, 1, 1) for values in (mean, std))
+    mean, std = channel_constants(mean, device), channel_constants(std, device)
     channels_last = device.type in ("cpu", "cuda")
     return Context(device, choose_amp(amp, device), channels_last, mean, std, rank, world_size)
 
@@ -118,3 +119,11 @@ def physical_memory():
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 0  # unknown (Windows): never cache automatically
+
+
+def to_device(images, ctx):
+    """A uint8 NCHW batch as the normalised float batch the model takes, on the context's device and layout."""
+    images = images.to(ctx.device, non_blocking=True)
+    if ctx.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return normalize(images, ctx.mean, ctx.std)

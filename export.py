@@ -30,14 +30,13 @@ import torch
 
 import cli
 import run_files
-import train
+from devices import make_context, to_device
 from errors import UsageError, one_line
+from exported import INPUT_NAME, METADATA_KEY, OUTPUT_NAME, import_onnxruntime, metadata_of
 from files import WriteError, move_into_place
+from models import model_from_checkpoint
 
 FORMATS = {"onnx": ".onnx", "pt2": ".pt2"}
-METADATA_KEY = "classifier"  # ONNX metadata_props key; the .pt2 holds the same JSON as "classifier.json"
-METADATA_VERSION = 1
-INPUT_NAME, OUTPUT_NAME = "images", "logits"
 TOLERANCE = 1e-3  # largest relative difference the self-check accepts; fp32 exports measure around 1e-6
 CHECK_BATCHES = (1, 3)  # batch 1 separately: torch.export treats sizes 0 and 1 specially
 
@@ -64,38 +63,6 @@ def get_args_parser():
     return parser
 
 
-def metadata_of(checkpoint):
-    """What a consumer of the exported model needs besides the model: classes and preprocessing, as plain JSON."""
-    return {
-        "version": METADATA_VERSION,
-        "model_name": checkpoint["model_name"],
-        "class_names": [str(name) for name in checkpoint["class_names"]],
-        "image_size": int(checkpoint["image_size"]),
-        "resize_size": int(checkpoint["resize_size"]),
-        "mean": [float(x) for x in checkpoint["mean"]],
-        "std": [float(x) for x in checkpoint["std"]],
-        "multi_label": bool(checkpoint.get("multi_label", False)),  # sigmoid per class instead of softmax
-        "thresholds": checkpoint.get("thresholds"),  # multi-label: predicted when probability >= threshold
-        "input": INPUT_NAME,
-        "output": OUTPUT_NAME,
-        "preprocessing": "RGB; resize the shorter side to resize_size (bilinear, antialiased); centre-crop "
-        "image_size; scale to [0, 1]; subtract mean, divide by std; float32 NCHW",
-    }
-
-
-def check_metadata(text, source):
-    """The metadata JSON an exported model carries, checked to hold what predicting needs."""
-    try:
-        meta = json.loads(text)
-        names, size, resize = meta["class_names"], int(meta["image_size"]), int(meta["resize_size"])
-        mean, std = [float(x) for x in meta["mean"]], [float(x) for x in meta["std"]]
-    except (ValueError, TypeError, KeyError) as e:
-        raise UsageError(f"{source}: its '{METADATA_KEY}' metadata is damaged ({one_line(e)[:100]})") from None
-    if not names or len(mean) != 3 or len(std) != 3:
-        raise UsageError(f"{source}: its '{METADATA_KEY}' metadata is damaged (no classes, or not 3 channels)")
-    return dict(meta, class_names=list(names), image_size=size, resize_size=resize, mean=mean, std=std)
-
-
 def output_path(args):
     """(format, --out): the format follows --out's extension when --format is not given."""
     suffix = Path(args.out).suffix.lower() if args.out else ""
@@ -119,7 +86,7 @@ def random_batch(checkpoint, ctx, size, seed=0):
     s = checkpoint["image_size"]
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (size, 3, s, s), dtype=torch.uint8, generator=generator)
-    return train.to_device(images, ctx).contiguous()
+    return to_device(images, ctx).contiguous()
 
 
 def export_onnx(model, example, path, metadata):
@@ -139,15 +106,6 @@ def export_onnx(model, example, path, metadata):
     program.model.metadata_props[METADATA_KEY] = json.dumps(metadata)
     # Over 2 GB (vit_h_14, regnet_y_128gf) the weights go to a `<name>.data` file beside the model.
     program.save(path)
-
-
-def import_onnxruntime():
-    """onnxruntime, imported only when needed: training and predicting from checkpoints do without it."""
-    try:
-        import onnxruntime
-    except ImportError:
-        raise UsageError("onnxruntime is not installed; pip install -r requirements.txt") from None
-    return onnxruntime
 
 
 def run_onnx(path):
@@ -207,8 +165,8 @@ def main(args):
         raise UsageError(f"checkpoint {args.checkpoint}: already exported; export the best.pt it came from")
     checkpoint = run_files.load_run_checkpoint(args.checkpoint, "checkpoint")  # weights_only: no pickled code
     fmt, out = output_path(args)
-    ctx = train.make_context(torch.device("cpu"), "off", checkpoint["mean"], checkpoint["std"])  # fp32
-    model = train.model_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}", ctx)
+    ctx = make_context(torch.device("cpu"), "off", checkpoint["mean"], checkpoint["std"])  # fp32
+    model = model_from_checkpoint(checkpoint, f"checkpoint {args.checkpoint}", ctx)
     # Plain layout: files hold no memory format, and channels_last weights make torch.export.load warn.
     model.to(memory_format=torch.contiguous_format)
     metadata = metadata_of(checkpoint)

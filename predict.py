@@ -26,19 +26,22 @@ from pathlib import Path
 import pandas as pd
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
-from torchvision.datasets.folder import IMG_EXTENSIONS
 from tqdm import tqdm
 
 import cam
 import cli
-import export
+import exported
+import presets
 import run_files
-import train
-from dataset import MyDataset, collate_skipping_bad
+from dataset import MyDataset, loader_options
+from devices import choose_device, loader_workers, make_context, to_device
 from errors import DataError, UsageError, one_line
 from files import WriteError, write_atomically
-from images import resolve_image_path
-from labels import MISSING_LABELS, read_images
+from images import IMAGE_EXTENSIONS, is_image_file, resolve_image_path
+from labels import LABEL_SEP, MISSING_LABELS, label_set, read_images
+from metrics import DEFAULT_THRESHOLD
+from models import model_from_checkpoint
+from models import probabilities as probabilities_of
 
 
 def get_args_parser():
@@ -80,7 +83,7 @@ def collect_images(inputs, image_col, root):
             found = sorted(
                 p
                 for p in path.rglob("*")
-                if p.suffix.lower() in IMG_EXTENSIONS
+                if is_image_file(p)
                 and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
@@ -93,7 +96,7 @@ def collect_images(inputs, image_col, root):
         else:
             raise UsageError(f"{arg}: no such file or folder")
     if not sum(len(samples) for samples, _ in groups):
-        extensions = ", ".join(IMG_EXTENSIONS)
+        extensions = ", ".join(IMAGE_EXTENSIONS)
         raise UsageError(f"no images found in {', '.join(inputs)} (looked for {extensions} files, or CSV rows)")
     return groups
 
@@ -109,10 +112,10 @@ def load_predictor(path, args):
         if args.cam:
             raise UsageError(f"--cam needs a .pt checkpoint: {path} is ONNX, which has no gradients to map")
         return load_onnx_predictor(path, args)
-    device = train.choose_device(args.device)
+    device = choose_device(args.device)
     checkpoint = run_files.load_run_checkpoint(path, "checkpoint")  # weights_only=True: never runs pickled code
-    ctx = train.make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
-    model = train.model_from_checkpoint(checkpoint, f"checkpoint {path}", ctx)
+    ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
+    model = model_from_checkpoint(checkpoint, f"checkpoint {path}", ctx)
     grad_cam = None
     if args.cam:
         class_names = list(checkpoint["class_names"])
@@ -126,22 +129,21 @@ def load_predictor(path, args):
     def probabilities(images):
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             if grad_cam is not None:
-                return grad_cam.maps(train.to_device(images, ctx))  # the same forward gives both
-            return activation(model(train.to_device(images, ctx)).float()).cpu(), None
+                return grad_cam.maps(to_device(images, ctx))  # the same forward gives both
+            return probabilities_of(model(to_device(images, ctx)).float(), checkpoint.get("multi_label")).cpu(), None
 
-    activation = torch.sigmoid if checkpoint.get("multi_label") else lambda logits: logits.softmax(1)
     return probabilities, checkpoint, device
 
 
 def load_onnx_predictor(path, args):
     """load_predictor for a model written by export.py, run by ONNX Runtime: the classes and preprocessing come
     from its metadata, so the predictions are those of the checkpoint it came from (run with --amp off)."""
-    onnxruntime = export.import_onnxruntime()
+    onnxruntime = exported.import_onnxruntime()
     if args.amp not in ("auto", "off"):
         raise UsageError(f"--amp {args.amp}: an ONNX model runs in the precision it was exported in (float32)")
     if not Path(path).is_file():
         raise UsageError(f"checkpoint {path}: no such file")
-    device = train.choose_device(args.device)
+    device = choose_device(args.device)
     providers = ["CPUExecutionProvider"]
     if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         providers.insert(0, ("CUDAExecutionProvider", {"device_id": device.index or 0}))
@@ -155,19 +157,17 @@ def load_onnx_predictor(path, args):
         session = onnxruntime.InferenceSession(str(path), options, providers=providers)
     except Exception as e:
         raise UsageError(f"checkpoint {path}: not an ONNX model ONNX Runtime can load ({one_line(e)[:150]})") from None
-    text = session.get_modelmeta().custom_metadata_map.get(export.METADATA_KEY)
+    text = session.get_modelmeta().custom_metadata_map.get(exported.METADATA_KEY)
     if text is None:
         raise UsageError(f"checkpoint {path}: has no classes or preprocessing in its metadata; make it with export.py")
-    info = export.check_metadata(text, f"checkpoint {path}")
+    info = exported.check_metadata(text, f"checkpoint {path}")
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
-    mean = torch.tensor(info["mean"]).view(1, 3, 1, 1)
-    std = torch.tensor(info["std"]).view(1, 3, 1, 1)
+    mean, std = presets.channel_constants(info["mean"]), presets.channel_constants(info["std"])
 
     def probabilities(images):
-        # The same arithmetic as train.to_device, so the model sees the same numbers as from best.pt.
-        batch = images.float().div_(255).sub_(mean).div_(std).contiguous()
+        batch = presets.normalize(images, mean, std).contiguous()  # the numbers the model sees from best.pt too
         logits = torch.from_numpy(session.run([output_name], {input_name: batch.numpy()})[0]).float()
-        return (logits.sigmoid() if info.get("multi_label") else logits.softmax(1)), None
+        return probabilities_of(logits, info.get("multi_label")), None
 
     return probabilities, info, device
 
@@ -226,21 +226,18 @@ def main(args):
 
     # Exactly the validation preprocessing of the run: same reduction, resize, crop and normalisation.
     resize_size = checkpoint["resize_size"]
-    transform = train.build_transforms(checkpoint["image_size"], resize_size=resize_size)["val"]
+    transform = presets.eval_transform(checkpoint["image_size"], resize_size)
     datasets, start = [], 0
     for samples, root in groups:
-        data = MyDataset(samples.assign(label=None), root, class_names, transform, short_side=resize_size)
-        data.targets = list(range(start, start + len(data)))  # each image carries its row number, not its label
+        data = MyDataset(samples, root, class_names, transform, short_side=resize_size, row_numbers_from=start)
         datasets.append(data)
         start += len(data)
     items = pd.concat([samples for samples, _ in groups], ignore_index=True)
-    workers = train.loader_workers(args.workers, device)
+    workers = loader_workers(args.workers, device)
     loader = DataLoader(
         ConcatDataset(datasets),
         args.batch_size,
-        num_workers=workers,
-        collate_fn=collate_skipping_bad,
-        pin_memory=device.type == "cuda",
+        **loader_options(workers, device),
     )
 
     predicted = []  # (item index, probabilities)
@@ -287,16 +284,16 @@ def write_label_sets(args, checkpoint, predicted, items):
     """The multi-label rows: image, labels (those at or above their class's threshold), p per class."""
     class_names = list(checkpoint["class_names"])
     thresholds = [args.threshold] * len(class_names) if args.threshold is not None else checkpoint.get("thresholds")
-    thresholds = torch.tensor(thresholds or [0.5] * len(class_names))
+    thresholds = torch.tensor(thresholds or [DEFAULT_THRESHOLD] * len(class_names))
     columns = ["image", "labels", *(f"p_{name}" if name in ("image", "labels") else name for name in class_names)]
     rows, correct, labelled = [], 0, 0
     for index, probs in predicted:
         chosen = [name for name, on in zip(class_names, (probs >= thresholds).tolist()) if on]
-        rows.append([items["image"][index], ";".join(chosen), *(f"{p:.6g}" for p in probs.tolist())])
+        rows.append([items["image"][index], LABEL_SEP.join(chosen), *(f"{p:.6g}" for p in probs.tolist())])
         true_label = items["label"][index]
         if true_label is not None:  # a 'label' column of sets such as 'a;b': exact-match accuracy
             labelled += 1
-            correct += {name.strip() for name in true_label.split(";")} - {""} == set(chosen)
+            correct += {name.strip() for name in label_set(true_label)} - {""} == set(chosen)
     write_rows(args, columns, rows, 2, len(items) - len(predicted))
     if labelled:
         print(f"exact-match accuracy {correct / labelled:.4f} ({correct}/{labelled} labelled images)", file=sys.stderr)

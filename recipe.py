@@ -15,7 +15,6 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from torchvision.transforms import v2
 
-AUGMENTS = ("basic", "trivial", "randaugment", "augmix")
 DEFAULT_EMA_DECAY = 0.999
 # Multi-label's default RandomResizedCrop scale: at the single-label 0.08, about 40% of findings covering 3% of
 # the image end up less than half inside the crop while their label stays; at 0.5, 14% (benchmarks/crop_scale.py).
@@ -91,40 +90,6 @@ class MultiLabelLoss(nn.Module):
 
 
 # ========================================================================================== augmentation
-
-
-def train_transform(image_size, augment="basic", crop_scale=0.08, random_erasing=0.0):
-    """The training transform, PIL image -> uint8 CHW tensor: RandomResizedCrop + flip, then the automatic
-    augmentation `augment` names (on the uint8 tensor), then RandomErasing with probability `random_erasing`.
-
-    With the defaults it is train.build_transforms' training transform, op for op and draw for draw, so a run
-    without these flags is bit-identical to one from before they existed.
-    """
-    if augment not in AUGMENTS:
-        raise ValueError(f"augment {augment!r}: expected one of {', '.join(AUGMENTS)}")
-    ops = [
-        v2.RandomResizedCrop(image_size, scale=(crop_scale, 1.0), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.PILToTensor(),
-    ]
-    automatic = {"trivial": v2.TrivialAugmentWide, "randaugment": v2.RandAugment, "augmix": v2.AugMix}
-    if augment in automatic:
-        ops.append(automatic[augment]())
-    if random_erasing > 0:
-        ops.append(v2.RandomErasing(p=random_erasing, value=0))
-    return v2.Compose(ops)
-
-
-def set_crop_size(transform, size):
-    """Change, in place, the output size of the RandomResizedCrop in a train_transform Compose.
-
-    The DataLoader's worker processes hold copies of the transform: this reaches them only when they are started
-    after the change (workers that are not persistent start anew every epoch).
-    """
-    crops = [t for t in transform.transforms if isinstance(t, v2.RandomResizedCrop)]
-    if len(crops) != 1:
-        raise ValueError(f"expected one RandomResizedCrop in the transform, found {len(crops)}")
-    crops[0].size = (size, size)
 
 
 def progressive_size(epoch, epochs, min_size, final_size):

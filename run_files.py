@@ -9,7 +9,6 @@ train.py, predict.py and export.py all go through this module, so a checkpoint i
 import argparse
 import copy
 import hashlib
-import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -190,56 +189,6 @@ def load_checkpoint(path, flag):
         else:
             reason = "truncated, or not a PyTorch checkpoint at all"
         raise UsageError(f"{flag} {path}: {reason}") from None
-
-
-def load_state_dict(path, flag):
-    """The weights in a local file: a plain state dict, or the model of one of our checkpoints. The prefixes
-    that DDP and torch.compile add to the names ('module.', '_orig_mod.') are removed."""
-    state = load_checkpoint(path, flag)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise UsageError(f"{flag} {path}: not a state dict of tensors")
-    return {re.sub(r"^(module\.|_orig_mod\.)+", "", k): v for k, v in state.items()}
-
-
-def load_weights_file(model, path, head_name, model_name):
-    """Load --weights, a local state dict (or one of our checkpoints), into `model`, all but a head (the layer
-    `head_name`) of another shape: the head is replaced anyway, a different class count must not stop fine-tuning."""
-    state, own = load_state_dict(path, "--weights"), model.state_dict()
-    head = head_name + "."
-    state = {k: v for k, v in state.items() if not (k.startswith(head) and k in own and v.shape != own[k].shape)}
-    problems = [f"missing {k}" for k in own if k not in state and not k.startswith(head)]
-    problems += [
-        f"unexpected {k}" for k in state if k not in own and not k.startswith(("AuxLogits.", "aux1.", "aux2."))
-    ]
-    problems += [f"shape of {k}" for k in state if k in own and state[k].shape != own[k].shape]
-    if problems:
-        raise UsageError(f"--weights {path}: does not fit {model_name} ({problems[0]}); is it for another --model?")
-    model.load_state_dict(state, strict=False)
-
-
-def is_weights_file(weights):
-    """A --weights value is a local file (rather than a torchvision weights name such as DEFAULT)."""
-    return weights.endswith((".pth", ".pt", ".bin")) or "/" in weights or os.sep in weights or os.path.isfile(weights)
-
-
-def torchvision_weights(model_name, weights):
-    """The torchvision weights enum member --weights names, downloaded (or found in torch's cache) now."""
-    import torchvision
-
-    enum = torchvision.models.get_model_weights(model_name)
-    name = weights.split(".")[-1]
-    if name not in enum.__members__:
-        choices = ", ".join(enum.__members__)
-        raise UsageError(f"--weights {weights}: {model_name} has no such weights; choose from {choices} or a .pth file")
-    weight = enum[name]
-    try:
-        weight.get_state_dict(progress=False, check_hash=True)  # downloaded once, then read from torch's cache
-    except Exception as e:
-        hint = "download it elsewhere and pass the .pth file"
-        raise UsageError(f"--weights {weights}: could not download {weight.url} ({one_line(e)}); {hint}") from None
-    return weight
 
 
 # What rebuilding and using a trained model needs; resuming also needs the training state.

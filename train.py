@@ -16,11 +16,9 @@ pictures) is in run_files.py, the recipe's extras (augmentation, mixing, EMA, th
 import argparse
 import contextlib
 import copy
-import difflib
 import math
 import os
 import random
-import signal
 import sys
 import time
 from pathlib import Path
@@ -29,10 +27,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torchvision
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset, WeightedRandomSampler
-from torchvision.transforms import v2
 from tqdm import tqdm
 
 import cam
@@ -40,21 +36,22 @@ import cli
 import dataset
 import duplicates
 import metrics
+import models
 import plots
+import presets
 import recipe
 import run_files
 import splits
 from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SMOOTHING
-from dataset import BadImageLog, MyDataset
-from devices import choose_device, loader_workers, make_context
-from errors import BadImageError, DataError, UsageError, one_line
+from dataset import BadImageLog, MyDataset, loader_options
+from devices import choose_device, loader_workers, make_context, to_device
+from errors import BadImageError, DataError, UsageError
 from files import WriteError
 from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, label_matrix
+from models import build_model, check_input_size, model_from_checkpoint
 from processes import StopRequest, launch_processes, processes_to_launch
 from run_files import save_checkpoint
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 HERE = Path(__file__).resolve().parent
 
 # ============================================================================================= arguments
@@ -126,7 +123,7 @@ def get_args_parser():
     extra("--recipe", choices=["default", "modern"], default="default",
           help="modern = AdamW 1e-3, weight decay .05, cosine, 1 warmup epoch, label smoothing .1, crop scale .25; "
           "flags given win")
-    extra("--augment", choices=recipe.AUGMENTS, default="basic", help="basic = crop + flip; or an automatic policy")
+    extra("--augment", choices=presets.AUGMENTS, default="basic", help="basic = crop + flip; or an automatic policy")
     extra("--crop-scale", type=FRACTION, help="smallest RandomResizedCrop area share (default: 0.08; modern: "
           f"{recipe.MODERN_CROP_SCALE}; multi-label: {recipe.MULTI_LABEL_CROP_SCALE}, so findings stay in the crop)")
     extra("--random-erasing", type=PROBABILITY, default=0.0, help="probability of erasing a random box of an image")
@@ -191,29 +188,6 @@ def check_args(args):
 # ================================================================================================== data
 
 
-def build_transforms(image_size, resize_size=None, augment="basic", crop_scale=0.08, random_erasing=0.0):
-    """Train: RandomResizedCrop + flip (+ --augment, --random-erasing: recipe.train_transform). Val: Resize +
-    CenterCrop. Both end in uint8 tensors: normalisation to float happens on the device (see `to_device`), so
-    batches cross to it as uint8."""
-    resize_size = resize_size or int(image_size * 256 / 224)
-    train = recipe.train_transform(image_size, augment, crop_scale, random_erasing)
-    val = v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
-    return {"train": train, "val": val}
-
-
-def preprocessing_of(args):
-    """(mean, std, validation resize): the pretrained weights' own when they define them, else ImageNet's."""
-    mean, std, resize_size = IMAGENET_MEAN, IMAGENET_STD, int(args.image_size * 256 / 224)
-    if args.weights and not run_files.is_weights_file(args.weights):
-        try:
-            preset = torchvision.models.get_model_weights(args.model)[args.weights.split(".")[-1]].transforms()
-            mean, std = tuple(preset.mean), tuple(preset.std)
-            resize_size = round(preset.resize_size[0] * args.image_size / preset.crop_size[0])
-        except (KeyError, AttributeError, ValueError):
-            pass
-    return mean, std, resize_size
-
-
 def load_samples(args):
     """(train, val, test, class_names, split_method, copies): every image checked before training; validation is
     --val-split of them without a val CSV or folder (splits.labelled_image_sets); copies across parts found."""
@@ -241,13 +215,15 @@ def build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
     """MyDatasets for each part (test None without a test set), cached in RAM per --cache. Images are
     decoded at the size their transform needs (see images.reduce_on_load), cached or not: training at 2x the
     crop (RandomResizedCrop's larger crops keep full detail), validation exactly at its Resize."""
-    transforms = build_transforms(args.image_size, resize_size, args.augment, args.crop_scale, args.random_erasing)
+    train_transform = presets.train_transform(args.image_size, args.augment, args.crop_scale, args.random_erasing)
+    eval_transform = presets.eval_transform(args.image_size, resize_size)
+    train_side = presets.train_decode_size(args.image_size)
     multi = train_set.multi_label
-    train_data = MyDataset(train_set.samples, train_set.root, class_names, transforms["train"], 2 * args.image_size,
+    train_data = MyDataset(train_set.samples, train_set.root, class_names, train_transform, train_side,
                            multi)  # fmt: skip
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, transforms["val"], resize_size, multi)
+    val_data = MyDataset(val_set.samples, val_set.root, class_names, eval_transform, resize_size, multi)
     test_data = (
-        MyDataset(test_set.samples, test_set.root, class_names, transforms["val"], resize_size, multi)
+        MyDataset(test_set.samples, test_set.root, class_names, eval_transform, resize_size, multi)
         if test_set
         else None
     )
@@ -255,25 +231,6 @@ def build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
         train_data.fill_cache()
         val_data.fill_cache()
     return train_data, val_data, test_data
-
-
-def _ignore_signals_in_worker(worker_id):
-    # Ctrl-C reaches the whole process group; the main process decides when to stop and shuts workers down.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-def loader_options(workers, device, persistent=True):
-    return dict(
-        num_workers=workers,
-        collate_fn=dataset.collate_skipping_bad,
-        pin_memory=device.type == "cuda",
-        # Persistent workers keep their random state across epochs, which a resumed run cannot restore;
-        # on CUDA the saved start-up time matters more than bitwise-exact augmentation on resume. Not with
-        # --progressive: workers copy the transform when they start, so they must start with each epoch's size.
-        persistent_workers=workers > 0 and device.type == "cuda" and persistent,
-        worker_init_fn=_ignore_signals_in_worker if workers > 0 else None,
-    )
 
 
 def build_dataloaders(args, train_data, val_data, ctx, workers):
@@ -310,53 +267,6 @@ def evaluation_loader(data, batch_size, ctx, workers):
 
 
 # ================================================================================================= model
-
-
-def build_model(model_name, num_classes, weights=None, freeze_backbone=False):
-    """A torchvision classification model with its head replaced for `num_classes`, after loading weights."""
-    known = torchvision.models.list_models(module=torchvision.models)
-    if model_name not in known:
-        close = difflib.get_close_matches(model_name, known, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "see torchvision.models.list_models()"
-        raise UsageError(f"--model {model_name}: not a torchvision classification model; {hint}")
-    # Auxiliary heads serve only googlenet's and inception_v3's own recipes; init_weights=True: their default, unwarned
-    kwargs = {"aux_logits": False, "init_weights": True} if model_name in ("googlenet", "inception_v3") else {}
-    from_file = weights is not None and run_files.is_weights_file(weights)
-    pretrained = run_files.torchvision_weights(model_name, weights) if weights is not None and not from_file else None
-    model = torchvision.models.get_model(model_name, weights=pretrained, **kwargs)
-    # The head is the last Linear or Conv2d in every torchvision model (squeezenet's is a 1x1 convolution).
-    head_name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
-    if from_file:
-        run_files.load_weights_file(model, weights, head_name, model_name)
-    if isinstance(head, nn.Linear):
-        model.set_submodule(head_name, nn.Linear(head.in_features, num_classes))
-    else:
-        model.set_submodule(head_name, nn.Conv2d(head.in_channels, num_classes, kernel_size=1))
-    if freeze_backbone:
-        for name, parameter in model.named_parameters():
-            parameter.requires_grad = name.startswith(head_name + ".")
-    return model
-
-
-def model_from_checkpoint(checkpoint, source, ctx):
-    """The trained model a checkpoint holds, on the context's device, ready for evaluation."""
-    model = build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
-    try:
-        model.load_state_dict(checkpoint["model"])
-    except (RuntimeError, KeyError, ValueError) as e:
-        raise UsageError(f"{source}: weights do not fit {checkpoint['model_name']} ({one_line(e)[:150]})") from None
-    model.to(ctx.device, memory_format=torch.channels_last if ctx.channels_last else torch.contiguous_format)
-    return model.eval()
-
-
-def check_input_size(model, model_name, image_size):
-    """Fail now, not after the first batch, when --image-size is too small for the architecture."""
-    try:
-        with torch.inference_mode():
-            model.eval()(torch.zeros(1, 3, image_size, image_size))
-    except RuntimeError as e:
-        reason = one_line(e)[:100]
-        raise UsageError(f"--image-size {image_size} does not fit {model_name} ({reason}); use a larger size") from None
 
 
 def wrap_model(model, args, ctx):
@@ -422,14 +332,6 @@ def build_loss(args, train_targets, num_classes, device):
 
 
 # ======================================================================================= epoch, evaluate
-
-
-def to_device(images, ctx):
-    """uint8 NCHW batch to a normalised float batch on the context's device."""
-    images = images.to(ctx.device, non_blocking=True)
-    if ctx.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images.float().div_(255).sub_(ctx.mean).div_(ctx.std)
 
 
 def seed_epoch(seed, epoch, ctx, train_loader):
@@ -660,7 +562,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
         kind = "multi-label" if checkpoint.get("multi_label") else "single-label"
         raise UsageError(f"--evaluate {args.evaluate}: a {kind} model; {val_set.source} is not {kind} data")
     resize_size = checkpoint["resize_size"]
-    transform = build_transforms(checkpoint["image_size"], resize_size)["val"]
+    transform = presets.eval_transform(checkpoint["image_size"], resize_size)
     val_data = MyDataset(val_set.samples, val_set.root, class_names, transform, resize_size, val_set.multi_label)
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
     loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
@@ -688,7 +590,8 @@ def main(args, argv=None):
     check_args(args)
     if args.evaluate:
         return evaluate_checkpoint(args, checkpoint, output_dir, device)
-    mean, std, resize_size = preprocessing_of(args)
+    weights_name = models.torchvision_weights_name(args.weights)
+    mean, std, resize_size = presets.weights_preprocessing(args.model, weights_name, args.image_size)
     ctx = make_context(device, args.amp, mean, std, rank, world_size)
 
     # ---- data
@@ -751,7 +654,7 @@ def main(args, argv=None):
                 seed_epoch(args.seed, epoch, ctx, train_loader)
                 if args.progressive:  # validation stays at the full size
                     size = recipe.progressive_size(epoch, args.epochs, args.progressive, args.image_size)
-                    recipe.set_crop_size(train_data.transform, size)
+                    presets.set_crop_size(train_data.transform, size)
                 started, bad_images.count = time.perf_counter(), 0
                 train_stats = train_one_epoch(
                     train_model, loss_fn, optimizer, scheduler, scaler, train_loader, ctx, args, epoch, bad_images,

@@ -7,7 +7,7 @@
 
 Photo mode times the data side on phone-sized photos instead: the loader alone per core (one thread, no loader
 processes) for the original pipeline (PIL open + convert, v1 RandomResizedCrop + flip + ToTensor + Normalize)
-and ours (MyDataset with short_side = 2 x --image-size, build_transforms' training transform), both uncached
+and ours (MyDataset with short_side = 2 x --image-size, presets.train_transform), both uncached
 and each measured in a fresh process; the same on small images; the cache fill on one thread and on all; and
 whole `python train.py` runs (RUN_ARGS) on the photos against the same photos downsized 4x, --cache on and off.
 
@@ -25,7 +25,7 @@ sides train on all --images images), the progress print and the validation pass.
 
 B, "ours": train.py's get_args_parser / build_transforms / build_datasets (MyDataset and its RAM cache
 decision) / build_dataloaders / build_model / build_optimizer / build_scheduler / build_loss / train_one_epoch,
-with the Context (amp, channels_last) from train.make_context, as train.main() uses them.
+with the Context (amp, channels_last) from devices.make_context, as train.main() uses them.
 """
 
 import argparse
@@ -47,6 +47,8 @@ import torch.nn as nn
 from PIL import Image, ImageChops
 
 import devices
+import models
+import presets
 import splits
 from labels import read_image_sets, read_labels, sorted_class_names
 
@@ -252,7 +254,7 @@ class Ours:
         args = train.get_args_parser().parse_args(argv)
         train.check_args(args)
         self.args = args
-        device = train.choose_device(args.device)
+        device = devices.choose_device(args.device)
         self.device = device
 
         # Every image trains (no split, like A), checked as train.py checks them; a one-image validation set only
@@ -264,17 +266,17 @@ class Ours:
 
         # train.main()'s stages, in its order.
         torch.manual_seed(args.seed)
-        mean, std, resize_size = train.preprocessing_of(args)
-        self.ctx = train.make_context(device, args.amp, mean, std)
+        mean, std, resize_size = presets.weights_preprocessing(args.model, args.weights, args.image_size)
+        self.ctx = devices.make_context(device, args.amp, mean, std)
         amp, channels_last = self.ctx.amp_dtype, self.ctx.channels_last
         started = time.perf_counter()
         with contextlib.redirect_stderr(io.StringIO()):  # the "caching" progress bar
             train_data, val_data, _ = train.build_datasets(args, everything, val_set, None, class_names, resize_size)
         cached = train_data.cache is not None
         self.setup_seconds = time.perf_counter() - started
-        workers = train.loader_workers(args.workers, device)
+        workers = devices.loader_workers(args.workers, device)
         self.loader, _ = train.build_dataloaders(args, train_data, val_data, self.ctx, workers)
-        model = train.build_model(args.model, len(class_names), None, args.freeze_backbone)
+        model = models.build_model(args.model, len(class_names), None, args.freeze_backbone)
         model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         self.optimizer = train.build_optimizer(model, args)
         self.scheduler = train.build_scheduler(self.optimizer, args, len(self.loader))
@@ -434,16 +436,15 @@ def loader_rate(data, batch_size, seed, collate_fn=None, epochs=1):
 
 def side_loader_rate(side, csv_path, root, image_size, batch_size, seed, short_side=None, epochs=1):
     """loader_rate of one side on one thread: "original" (OriginalDataset, the tutorial's v1 transform) or "ours"
-    (MyDataset with `short_side`, build_transforms' training transform), both uncached."""
+    (MyDataset with `short_side`, presets.train_transform), both uncached."""
     torch.set_num_threads(1)
-    train = load_train()
     import dataset
 
     if side == "original":
         data, collate = OriginalDataset(csv_path, root, original_transform(image_size)), None
     else:
         samples = read_labels(csv_path)
-        transform = train.build_transforms(image_size)["train"]
+        transform = presets.train_transform(image_size)
         data = dataset.MyDataset(samples, root, sorted_class_names(samples["label"]), transform, short_side)
         collate = dataset.collate_skipping_bad
     for index in range(min(2, len(data))):  # first calls: lazy imports, Pillow's plugins
@@ -507,7 +508,6 @@ def children_cpu_seconds():
 
 def run_photos(opts):
     """Photo mode: what decoding large photos costs the original pipeline and ours."""
-    train = load_train()
     import dataset
 
     torch.set_num_threads(opts.threads or 1)  # per core: one thread, no loader processes
@@ -526,7 +526,7 @@ def run_photos(opts):
 
         samples = read_labels(csv_path)
         class_names = sorted_class_names(samples["label"])
-        train_transform = train.build_transforms(opts.image_size)["train"]
+        train_transform = presets.train_transform(opts.image_size)
 
         def ours(short=short_side, data_samples=samples, data_root=root):
             return dataset.MyDataset(data_samples, data_root, class_names, train_transform, short_side=short)

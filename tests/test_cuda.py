@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
+import models
 import recipe
-import train
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -24,7 +24,7 @@ def strict_fp32(monkeypatch):
 def model_and_batch():
     """train.py's resnet18 for 3 classes, in eval mode, and a batch of 8 random 32 px images (CPU)."""
     torch.manual_seed(0)
-    return train.build_model("resnet18", 3).eval(), torch.randn(8, 3, 32, 32)
+    return models.build_model("resnet18", 3).eval(), torch.randn(8, 3, 32, 32)
 
 
 @torch.inference_mode()

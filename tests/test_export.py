@@ -16,9 +16,10 @@ import torch
 from conftest import FAST, make_image, read_rows, run_train, write_csv
 from PIL import Image
 
+import devices
 import export
+import models
 import predict
-import train
 
 CLASSES = ["cat", "dog", "fox"]
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -59,8 +60,8 @@ def exported(tmp_path_factory):
 
 def pytorch_model(checkpoint_path):
     checkpoint = torch.load(checkpoint_path, weights_only=True)
-    ctx = train.make_context(torch.device("cpu"), "off", checkpoint["mean"], checkpoint["std"])
-    return train.model_from_checkpoint(checkpoint, "test", ctx), checkpoint
+    ctx = devices.make_context(torch.device("cpu"), "off", checkpoint["mean"], checkpoint["std"])
+    return models.model_from_checkpoint(checkpoint, "test", ctx), checkpoint
 
 
 def test_export_prints_its_check_and_writes_beside_the_checkpoint(exported):
@@ -164,7 +165,7 @@ def test_user_mistakes_exit_2_with_one_line(mistake, exported, tmp_path, capsys)
     checkpoint, extra = run_dir / "best.pt", []
     if mistake == "state_dict":
         checkpoint = tmp_path / "resnet18.pt"
-        torch.save(train.build_model("resnet18", 3).state_dict(), checkpoint)
+        torch.save(models.build_model("resnet18", 3).state_dict(), checkpoint)
     elif mistake == "not_a_file":
         checkpoint = tmp_path / "notes.pt"
         checkpoint.write_text("hello")

@@ -5,7 +5,9 @@ import pytest
 import torch
 from conftest import FAST, make_image, read_rows, run_train, write_csv
 
+import devices
 import predict
+import presets
 import train
 from errors import DataError
 from labels import image_folders
@@ -196,7 +198,7 @@ def steps_of(batch_size, accum_steps, images, labels):
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     loader = [(images[i : i + batch_size], labels[i : i + batch_size], []) for i in range(0, len(images), batch_size)]
-    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)
     args = train.get_args_parser().parse_args(["--accum-steps", str(accum_steps), "--epochs", "1"])
     loss_fn = torch.nn.CrossEntropyLoss()
     never_stopped = train.StopRequest()  # not entered: no signal handlers

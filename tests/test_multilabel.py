@@ -8,6 +8,7 @@ import torch
 from conftest import FAST, read_rows, run_train, write_csv
 from PIL import Image
 
+import exported
 import metrics
 import plots
 import recipe
@@ -252,7 +253,7 @@ def test_thresholds_round_trip_through_best_pt_onnx_and_predict(trained, tmp_pat
     import onnx
 
     meta = onnx.load(tmp_path / "model.onnx").metadata_props
-    info = export.check_metadata(next(p.value for p in meta if p.key == export.METADATA_KEY), "model.onnx")
+    info = exported.check_metadata(next(p.value for p in meta if p.key == exported.METADATA_KEY), "model.onnx")
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
     assert info["multi_label"] and info["thresholds"] == checkpoint["thresholds"]
     images = [str(root / f"{i}.png") for i in range(12)]

@@ -7,6 +7,9 @@ import torch
 import torchvision
 from conftest import FAST, read_rows, run_train, write_csv
 
+import devices
+import models
+import presets
 import train
 
 
@@ -143,7 +146,7 @@ def test_balanced_sampler_draws_classes_about_equally(tiny_data, tmp_path):
     args = options("--csv", skewed, "--root", root, *FAST, "--balanced-sampler", "--cache", "off", "--val-split", "0.2")
     train_set, val_set, _, class_names, _, _ = train.load_samples(args)
     train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
-    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)
     loader, _ = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)
     drawn = [int(loader.dataset.targets[i]) for _ in range(50) for i in loader.sampler]
     assert 0.35 < sum(drawn) / len(drawn) < 0.65  # dogs are 1/4 of the training rows, half of the draws
@@ -182,14 +185,14 @@ def test_weight_decay_skips_biases_and_norm_layers():
     "model_name", ["mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x0_5", "efficientnet_b0", "regnet_y_400mf"]
 )
 def test_any_torchvision_model_gets_a_head_for_our_classes(model_name):
-    model = train.build_model(model_name, 3).eval()
+    model = models.build_model(model_name, 3).eval()
     assert model(torch.zeros(1, 3, 64, 64)).shape == (1, 3)
 
 
 def test_fine_tuning_from_a_local_resnet18_state_dict(train_tiny, tmp_path):
     pretrained = torchvision.models.resnet18()
     torch.save(pretrained.state_dict(), tmp_path / "resnet18.pth")
-    model = train.build_model("resnet18", 3, weights=str(tmp_path / "resnet18.pth"))
+    model = models.build_model("resnet18", 3, weights=str(tmp_path / "resnet18.pth"))
     assert torch.equal(model.conv1.weight, pretrained.conv1.weight)
     assert model.fc.out_features == 3
     status, run_dir = train_tiny("--epochs", "1", "--weights", tmp_path / "resnet18.pth")
@@ -207,9 +210,7 @@ def test_freeze_backbone_trains_only_the_head(train_tiny, tmp_path):
 
 
 def test_validation_preprocessing_follows_the_pretrained_weights():
-    mean, std, resize_size = train.preprocessing_of(
-        options("--model", "vit_b_16", "--weights", "IMAGENET1K_SWAG_E2E_V1", "--image-size", "384")
-    )
+    mean, std, resize_size = presets.weights_preprocessing("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", 384)
     preset = torchvision.models.ViT_B_16_Weights.IMAGENET1K_SWAG_E2E_V1.transforms()
     assert (mean, std) == (tuple(preset.mean), tuple(preset.std))
     assert resize_size == preset.resize_size[0]

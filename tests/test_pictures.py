@@ -13,8 +13,10 @@ import torch
 from conftest import read_rows
 from PIL import Image
 
+import devices
 import metrics
 import plots
+import presets
 import run_files
 import train
 
@@ -191,7 +193,7 @@ def test_train_batch_jpg(tmp_path):
 
 def test_args_json_holds_every_flag_and_the_machine_choices(tmp_path):
     args = train.get_args_parser().parse_args(["--csv", "数据/labels.csv", "--batch-size", "8", "--accum-steps", "2"])
-    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)
     run_files.write_args(tmp_path, args, ctx, workers=0)
     text = (tmp_path / "args.json").read_text(encoding="utf-8")
     assert "数据" in text  # readable, not \\u escapes

@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import read_rows, write_csv
 
+import models
 import predict
-import train
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -21,7 +21,7 @@ def run_predict(*argv):
 def untrained_checkpoint(tmp_path):
     """A checkpoint in train.py's format without the cost of training, for tests that never get to predict."""
     path = tmp_path / "untrained.pt"
-    model = train.build_model("resnet18", len(CLASSES))
+    model = models.build_model("resnet18", len(CLASSES))
     meta = dict(model_name="resnet18", class_names=CLASSES, image_size=32, mean=[0.5] * 3, std=[0.25] * 3)
     torch.save(dict(model=model.state_dict(), **meta), path)
     return path

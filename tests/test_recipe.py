@@ -11,6 +11,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 import plots
+import presets
 import recipe
 
 
@@ -26,7 +27,7 @@ def tiny_model():
 
 
 def test_default_train_transform_is_bit_identical_to_the_tutorial_one():
-    ours = recipe.train_transform(32)
+    ours = presets.train_transform(32)
     theirs = v2.Compose([v2.RandomResizedCrop(32, antialias=True), v2.RandomHorizontalFlip(), v2.PILToTensor()])
     for seed in range(5):
         torch.manual_seed(seed)
@@ -35,10 +36,10 @@ def test_default_train_transform_is_bit_identical_to_the_tutorial_one():
         assert torch.equal(ours(photo(seed)), expected)
 
 
-@pytest.mark.parametrize("augment", recipe.AUGMENTS)
+@pytest.mark.parametrize("augment", presets.AUGMENTS)
 def test_every_augment_gives_a_uint8_chw_tensor_of_the_crop_size(augment):
     torch.manual_seed(0)
-    out = recipe.train_transform(24, augment, crop_scale=0.5, random_erasing=0.5)(photo())
+    out = presets.train_transform(24, augment, crop_scale=0.5, random_erasing=0.5)(photo())
     assert out.dtype == torch.uint8 and out.shape == (3, 24, 24)
 
 
@@ -47,9 +48,9 @@ def test_automatic_augmentations_change_the_image_beyond_crop_and_flip():
         changed = 0
         for seed in range(4):
             torch.manual_seed(seed)
-            basic = recipe.train_transform(32)(photo())
+            basic = presets.train_transform(32)(photo())
             torch.manual_seed(seed)  # the crop and flip draw first, so both get the same crop
-            changed += not torch.equal(recipe.train_transform(32, augment)(photo()), basic)
+            changed += not torch.equal(presets.train_transform(32, augment)(photo()), basic)
         assert changed >= 3, augment
 
 
@@ -57,23 +58,23 @@ def test_random_erasing_blanks_a_rectangle_only_when_asked():
     blank = []
     for erasing in (1.0, 0.0):
         torch.manual_seed(0)
-        image = recipe.train_transform(32, "trivial", random_erasing=erasing)(photo())
+        image = presets.train_transform(32, "trivial", random_erasing=erasing)(photo())
         blank.append((image == 0).all(0).sum().item())  # pixels black in every channel
     assert blank[0] >= 0.02 * 32 * 32 and blank[1] == 0
 
 
 def test_unknown_augment_is_refused():
     with pytest.raises(ValueError, match="randaugment"):
-        recipe.train_transform(32, "autoaugment")
+        presets.train_transform(32, "autoaugment")
 
 
 def test_crop_scale_sets_the_smallest_crop_area():
-    assert recipe.train_transform(32, crop_scale=0.35).transforms[0].scale == (0.35, 1.0)
+    assert presets.train_transform(32, crop_scale=0.35).transforms[0].scale == (0.35, 1.0)
 
 
 def test_set_crop_size_changes_the_output_size_in_place():
-    transform = recipe.train_transform(32, "trivial")
-    recipe.set_crop_size(transform, 16)
+    transform = presets.train_transform(32, "trivial")
+    presets.set_crop_size(transform, 16)
     assert transform(photo()).shape == (3, 16, 16)
 
 

@@ -4,6 +4,9 @@ import pytest
 import torch
 from conftest import FAST, read_rows, run_train, write_csv
 
+import devices
+import models
+import presets
 import train
 from images import load_image
 from labels import ImageSet, read_labels, sorted_class_names
@@ -63,7 +66,7 @@ def test_best_checkpoint_rebuilds_a_model_that_predicts(train_tiny):
     status, run_dir = train_tiny("--epochs", "1")
     assert status == 0
     checkpoint = torch.load(run_dir / "best.pt", weights_only=True)
-    model = train.build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
+    model = models.build_model(checkpoint["model_name"], len(checkpoint["class_names"]))
     model.load_state_dict(checkpoint["model"])
     logits = model.eval()(torch.zeros(1, 3, 32, 32))
     assert logits.shape == (1, 3)
@@ -101,7 +104,7 @@ def test_validation_images_are_not_augmented_but_training_images_are(tiny_data):
     args = train.get_args_parser().parse_args(["--csv", str(csv_path), "--root", str(root), *FAST, "--cache", "off"])
     train_set, val_set, _, class_names, _, _ = train.load_samples(args)
     train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
-    ctx = train.make_context(torch.device("cpu"), "off", train.IMAGENET_MEAN, train.IMAGENET_STD)
+    ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)
     train_loader, val_loader = train.build_dataloaders(args, train_data, val_data, ctx, workers=0)
     first_val = [batch[0] for batch in val_loader]
     second_val = [batch[0] for batch in val_loader]
