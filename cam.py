@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 import models
+import presets
 from errors import UsageError, one_line
 
 TOKEN_MODELS = ("vit_", "swin_", "swin3d")
@@ -102,25 +103,14 @@ def in_original_grid(heat, original_size, resize_size, crop_size):
     height, upright), 255 = hottest, 0 where the crop cut the image off: the validation transform undone."""
     from PIL import Image
 
-    width, height = original_size  # torchvision's Resize(resize_size): the shorter side becomes resize_size
-    width, height = (resize_size, int(resize_size * height / width)) if width <= height else (
-        int(resize_size * width / height), resize_size)  # fmt: skip
+    width, height = presets.resize_output_size(original_size, resize_size)  # the validation transform's Resize
     canvas = torch.zeros(height, width)
-    top, left = int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
+    top, left = presets.center_crop_offsets((width, height), crop_size)
     canvas[max(top, 0) : top + crop_size, max(left, 0) : left + crop_size] = heat[
         max(-top, 0) : height - top, max(-left, 0) : width - left
     ]
     grey = Image.fromarray((canvas * 255).round().to(torch.uint8).numpy())  # 2-D uint8: mode L
     return grey.resize(original_size, Image.Resampling.BILINEAR)
-
-
-def upright_size(path):
-    """(width, height) of an image file as shown, its EXIF orientation applied, from its header."""
-    from PIL import Image
-
-    with Image.open(path) as im:
-        width, height = im.size
-        return (height, width) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (width, height)
 
 
 def captioned(image, caption):
@@ -135,14 +125,12 @@ def captioned(image, caption):
     return picture
 
 
-def draw_val_cam(output_dir, best_path, model, model_name, to_device, predictions, data, max_images=32):
+def draw_val_cam(output_dir, model, model_name, to_device, predictions, data, max_images=32):
     """val_cam.jpg: val_predictions.jpg's images (mistakes first) with best.pt's Grad-CAM map of the class it
-    predicted blended on each. A failure is one warning line, never a failed run."""
+    predicted blended on each (`model` holds best.pt's weights). A failure is one warning line, never a failed run."""
     import plots
-    import run_files
 
     try:
-        model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
         images, true, predicted, confidence = plots.worth_seeing(predictions, data, max_images)
         images = torch.stack(images)
         grad_cam = GradCam(model, model_name, images.shape[-1], target=predicted)

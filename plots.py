@@ -508,3 +508,8 @@ def _to_pil(image):
     if image.shape[0] == 1:
         image = image.expand(3, -1, -1)
     return Image.fromarray(image[:3].permute(1, 2, 0).contiguous().numpy())
+
+
+# Every picture-drawing function of this module: tests that check other behaviours replace them all (drawing
+# costs about a second per run, more than a tiny test epoch).
+DRAWINGS = tuple(name for name in dir() if name.startswith("draw_"))

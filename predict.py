@@ -37,7 +37,7 @@ from dataset import MyDataset, loader_options
 from devices import choose_device, loader_workers, make_context, to_device
 from errors import DataError, UsageError, one_line
 from files import WriteError, write_atomically
-from images import IMAGE_EXTENSIONS, is_image_file, resolve_image_path
+from images import IMAGE_EXTENSIONS, is_image_file, resolve_image_path, upright_size
 from labels import LABEL_SEP, MISSING_LABELS, label_set, read_images
 from metrics import DEFAULT_THRESHOLD
 from models import model_from_checkpoint
@@ -202,7 +202,7 @@ class CamFiles:
             self.save(f"{self.names[row]}_cam.jpg", overlay, "JPEG")
             self.save(
                 f"{self.names[row]}_heat.png",
-                cam.in_original_grid(heat, cam.upright_size(self.paths[row]), *sizes),
+                cam.in_original_grid(heat, upright_size(self.paths[row]), *sizes),
                 "PNG",
             )
 

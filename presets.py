@@ -88,14 +88,19 @@ def channel_constants(values, device=None):
     return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
 
-def resized_size(size, short_side):
-    """torchvision's Resize(short_side) size for `size` (width, height), or `size` itself when not larger."""
+def resize_output_size(size, short_side):
+    """(width, height) that torchvision's Resize(short_side) gives an image of `size`: the shorter side becomes
+    short_side (smaller images are enlarged), the longer side is scaled and truncated."""
     width, height = size
-    if min(width, height) <= short_side:
-        return size
     if width <= height:
         return short_side, int(short_side * height / width)
     return int(short_side * width / height), short_side
+
+
+def resized_size(size, short_side):
+    """resize_output_size, but never enlarging: `size` itself when its shorter side is not above short_side (the
+    reduction images are decoded with, see images.reduce_on_load)."""
+    return size if min(size) <= short_side else resize_output_size(size, short_side)
 
 
 def center_crop_offsets(size, crop_size):

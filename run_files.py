@@ -9,6 +9,7 @@ train.py, predict.py and export.py all go through this module, so a checkpoint i
 import argparse
 import copy
 import hashlib
+import math
 import re
 import warnings
 from dataclasses import dataclass
@@ -16,13 +17,10 @@ from pathlib import Path
 
 import torch
 
-import metrics
 from errors import UsageError, one_line
 from files import write_atomically, write_csv_atomically
 
 CHECKPOINT_VERSION = 1
-METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
-LABEL_METRIC_COLUMNS = [*METRIC_COLUMNS, "val_map"]  # multi-label: val_acc is exact-match accuracy
 # Flags that may differ when a run is resumed; every other flag is taken from the checkpoint.
 RESUMABLE_FLAGS = {"epochs", "workers", "device", "amp", "compile", "cache", "skip_bad_images", "patience", "nproc"}
 # Flags that --evaluate may take from the command line instead of the checkpoint: the data and the runtime.
@@ -305,129 +303,6 @@ def write_split(output_dir, parts):
     write_csv_atomically(output_dir / "split.csv", ["image", "label", "split", "group"], rows)
 
 
-def write_metrics(output_dir, history):
-    columns = LABEL_METRIC_COLUMNS if history and "val_map" in history[0] else METRIC_COLUMNS
-    write_csv_atomically(output_dir / "metrics.csv", columns, history)
-
-
-# ---------------------------------------------------------------------------------------------- reports
-
-
-def write_report(output_dir, predictions, data, title, prefix="", thresholds=None):
-    """The final report of a model on one part of the data (metrics.Predictions of the MyDataset `data`):
-    printed, and saved as {prefix}report.csv, {prefix}confusion_matrix.csv, {val_|test_}predictions.csv and
-    the pictures {prefix}confusion_matrix.png, {prefix}roc.png, {prefix}calibration.png, and for validation
-    (no prefix) val_predictions.jpg. Multi-label: see write_label_report."""
-    import plots  # here, not above: plots imports this module for its atomic writes
-
-    if predictions.multi_label:
-        return write_label_report(output_dir, predictions, data, title, prefix, thresholds)
-    class_names = data.class_names
-    rows, confusion = metrics.report(predictions, class_names)
-    print(metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names), flush=True)
-    write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.REPORT_COLUMNS, rows)
-    header = ["true\\predicted", *class_names]
-    matrix_rows = [dict(zip(header, [name, *counts])) for name, counts in zip(class_names, confusion.tolist())]
-    write_csv_atomically(output_dir / f"{prefix}confusion_matrix.csv", header, matrix_rows)
-    write_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data)
-
-    plots.draw_confusion_matrix(output_dir, confusion, class_names, prefix)
-    aucs = [row["auc"] for row in rows[: len(class_names)]]
-    plots.draw_roc(output_dir, metrics.roc_curves(predictions), aucs, class_names, prefix)
-    ece = next(row["value"] for row in rows if row["label"] == "ece")
-    plots.draw_calibration(output_dir, metrics.calibration_bins(predictions), ece, prefix)
-    if not prefix:
-        plots.draw_predictions(output_dir, *plots.worth_seeing(predictions, data), class_names)
-
-
-def write_predictions(path, predictions, data):
-    """One row per evaluated image: image, label, predicted, confidence, then p_<class> for every class."""
-    class_names = data.class_names
-    header = ["image", "label", "predicted", "confidence", *(f"p_{name}" for name in class_names)]
-    probabilities = predictions.probabilities.tolist()
-    rows = [
-        dict(zip(header, [data.images[i], class_names[t], class_names[p], max(probs), *probs]))
-        for i, t, p, probs in zip(
-            predictions.indices.tolist(), predictions.labels.tolist(), predictions.predicted.tolist(), probabilities
-        )
-    ]
-    write_csv_atomically(path, header, rows)
-
-
-def write_label_report(output_dir, predictions, data, title, prefix, thresholds):
-    """write_report for a multi-label model at its per-class `thresholds`: {prefix}report.csv
-    (LABEL_REPORT_COLUMNS), {val_|test_}predictions.csv, {prefix}pr_curves.png and {prefix}roc.png, and
-    for validation val_predictions.jpg (true and predicted label sets)."""
-    import plots
-
-    class_names = data.class_names
-    rows = metrics.label_report(predictions, class_names, thresholds)
-    print(metrics.label_report_text(title, metrics.mean_loss(predictions), rows, class_names), flush=True)
-    write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.LABEL_REPORT_COLUMNS, rows)
-    write_label_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data, thresholds)
-    per_class = rows[: len(class_names)]
-    plots.draw_pr_curves(output_dir, metrics.pr_curves(predictions), [row["ap"] for row in per_class], class_names,
-                         prefix)  # fmt: skip
-    plots.draw_roc(output_dir, metrics.roc_curves(predictions), [row["auc"] for row in per_class], class_names, prefix)
-    if not prefix:
-        plots.draw_label_sets(output_dir, *plots.label_sets_worth_seeing(predictions, thresholds, data), class_names)
-
-
-def write_label_predictions(path, predictions, data, thresholds):
-    """One row per evaluated image: image, labels (true, 'a;b', empty for none), predicted (the same), then
-    p_<class> for every class."""
-    class_names = data.class_names
-    header = ["image", "labels", "predicted", *(f"p_{name}" for name in class_names)]
-    chosen = metrics.predicted_sets(predictions, thresholds).tolist()
-    rows = []
-    for i, true, predicted, probabilities in zip(
-        predictions.indices.tolist(), predictions.labels.tolist(), chosen, predictions.probabilities.tolist()
-    ):
-        true_names = ";".join(name for name, t in zip(class_names, true) if t == 1)
-        predicted_names = ";".join(name for name, p in zip(class_names, predicted) if p)
-        rows.append(dict(zip(header, [data.images[i], true_names, predicted_names, *probabilities])))
-    write_csv_atomically(path, header, rows)
-
-
-# ------------------------------------------------------------------------------------- cross-validation
-
-CV_SCORES = ("accuracy", "macro f1", "macro auc", "map", "exact match")  # those a report has
-
-
-def write_cv_summary(output_dir, folds):
-    """After --folds K: cv_summary.csv (each fold's validation scores, and test scores when there is a test
-    set, with their mean and sample standard deviation), cv_predictions.csv (every image's out-of-fold
-    prediction, with its fold), and the same summary on the console."""
-    import csv
-    import statistics
-
-    def read(path):
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-
-    fold_dirs = [Path(output_dir) / f"fold{k}" for k in range(1, folds + 1)]
-    rows, lines = [], []
-    for part, prefix in (("val", ""), ("test", "test_")):
-        if not all((d / f"{prefix}report.csv").exists() for d in fold_dirs):
-            continue
-        reports = [{row["label"]: row["value"] for row in read(d / f"{prefix}report.csv")} for d in fold_dirs]
-        for score in (score for score in CV_SCORES if score in reports[0]):
-            values = [float(report[score]) if report.get(score) else float("nan") for report in reports]
-            defined = [v for v in values if v == v]
-            mean = statistics.fmean(defined) if defined else float("nan")
-            sd = statistics.stdev(defined) if len(defined) > 1 else float("nan")
-            rows.append({"metric": f"{part} {score}", **{f"fold{k}": v for k, v in enumerate(values, 1)},
-                         "mean": mean, "sd": sd})  # fmt: skip
-            lines.append(f"{part} {score} {mean:.3f} ± {sd:.3f}")
-    header = ["metric", *(f"fold{k}" for k in range(1, folds + 1)), "mean", "sd"]
-    write_csv_atomically(Path(output_dir) / "cv_summary.csv", header, rows)
-    predictions = [dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in read(d / "val_predictions.csv")]
-    columns = ["fold", *(key for key in predictions[0] if key != "fold")]
-    write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
-    print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
-    print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
-
-
 # -------------------------------------------------------------------------------------------- args.json
 
 
@@ -451,3 +326,48 @@ def write_args(output_dir, args, ctx, workers):
     }
     text = json.dumps(settings, indent=2, ensure_ascii=False) + "\n"
     write_atomically(Path(output_dir) / "args.json", lambda f: f.write(text.encode()))
+
+
+class CheckpointSaver:
+    """best.pt and last.pt of a run, decided in one place (as timm's CheckpointSaver): the best score so far
+    in --best-metric's direction (loss: lower is better; an undefined score never wins), best.pt written
+    before last.pt (a crash in between repeats the epoch, best.pt included), each on the checkpoint thread
+    while the next epoch trains, by rank 0 only (torchvision's save_on_master)."""
+
+    def __init__(self, output_dir, run, best_metric, is_main=True, checkpoint=None):
+        self.output_dir, self.run, self.best_metric, self.is_main = Path(output_dir), run, best_metric, is_main
+        self.best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
+
+    @property
+    def best_path(self):
+        return self.output_dir / "best.pt"
+
+    def score_of(self, val_scores):
+        score = -val_scores["val_loss"] if self.best_metric == "loss" else val_scores[f"val_{self.best_metric}"]
+        return -math.inf if math.isnan(score) else score  # no AUC: no class with positives and negatives
+
+    def epoch_done(self, epoch, val_scores, scored_model, history, last, thresholds=None):
+        """Save the epoch's checkpoints; returns whether it is the new best. `last` holds last.pt's pieces
+        (model, optimizer, scheduler, scaler, ema); `scored_model` is what was evaluated (the EMA with --ema)."""
+        score = self.score_of(val_scores)
+        improved = self.best["score"] is None or score > self.best["score"]
+        if improved:
+            self.best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"], "thresholds": thresholds}
+            self._save(self.best_path, scored_model, epoch, history, thresholds=thresholds)
+        self.save_last(epoch, history, last, thresholds)
+        return improved
+
+    def save_last(self, epoch, history, last, thresholds=None):
+        """last.pt as of `epoch` completed epochs: --resume continues after it."""
+        model, optimizer, scheduler, scaler, ema = last
+        path = self.output_dir / "last.pt"
+        self._save(path, model, epoch, history, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                   thresholds=thresholds, ema=ema)  # fmt: skip
+
+    def _save(self, path, model, epoch, history, **pieces):
+        if self.is_main:
+            save_checkpoint(path, model, epoch, self.best, history, self.run, **pieces, background=True)
+
+    def wait(self):
+        """Return once every checkpoint is on disk."""
+        wait_for_checkpoints()

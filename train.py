@@ -16,6 +16,7 @@ pictures) is in run_files.py, the recipe's extras (augmentation, mixing, EMA, th
 import argparse
 import contextlib
 import copy
+import dataclasses
 import math
 import os
 import random
@@ -40,6 +41,7 @@ import models
 import plots
 import presets
 import recipe
+import report
 import run_files
 import splits
 from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SMOOTHING
@@ -50,7 +52,6 @@ from files import WriteError
 from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, label_matrix
 from models import build_model, check_input_size, model_from_checkpoint
 from processes import StopRequest, launch_processes, processes_to_launch
-from run_files import save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 
@@ -260,6 +261,11 @@ def build_dataloaders(args, train_data, val_data, ctx, workers):
     return train_loader, evaluation_loader(val_data, args.batch_size, ctx, workers)
 
 
+def dataset_of(loader):
+    """The MyDataset an evaluation loader reads, whole or (under DDP) as this process's Subset of it."""
+    return loader.dataset.dataset if isinstance(loader.dataset, Subset) else loader.dataset
+
+
 def evaluation_loader(data, batch_size, ctx, workers):
     # Every image is evaluated exactly once, on exactly one rank (no padding duplicates).
     shard = Subset(data, range(ctx.rank, len(data), ctx.world_size)) if ctx.world_size > 1 else data
@@ -465,7 +471,7 @@ def evaluate(model, loader, ctx, bad_images):
         for buffer in model.buffers():
             dist.broadcast(buffer, 0)
     shard = loader.dataset  # a Subset of the dataset under DDP (see evaluation_loader)
-    data, positions = (shard.dataset, shard.indices) if isinstance(shard, Subset) else (shard, range(len(shard)))
+    data, positions = dataset_of(loader), shard.indices if isinstance(shard, Subset) else range(len(shard))
     indices, labels, log_probabilities, seen = [], [], [], 0
     for images, batch_labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx.show_bars):
         bad_images.handle(bad)
@@ -475,13 +481,14 @@ def evaluate(model, loader, ctx, bad_images):
             continue
         indices += [i for i in batch_positions if data.images[i] not in skipped]
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            logits = model(to_device(images, ctx)).float()
+            logits = model(to_device(images, ctx)).float().cpu().double()  # float64 on the CPU (MPS has none)
+        # log-softmax in float64: a confident model's probabilities do not round to exactly 1 and tie its ranks
         log_probabilities.append(logits if data.multi_label else logits.log_softmax(1))
         labels.append(batch_labels.reshape(len(batch_labels), -1).float())
     # One float64 row per image, (index, label(s), log-probabilities or logits), exact for any index or label
     classes = len(data.class_names)
     columns = 1 + classes + (classes if data.multi_label else 1)
-    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels), torch.cat(log_probabilities).cpu()],
+    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels), torch.cat(log_probabilities)],
                      1).double() if labels else torch.zeros(0, columns, dtype=torch.float64)  # fmt: skip
     if ctx.world_size > 1:  # each process pads its rows to the longest shard's count (index -1), then all gather
         padded = torch.full((math.ceil(len(data) / ctx.world_size), columns), -1.0, dtype=torch.float64)
@@ -492,16 +499,18 @@ def evaluate(model, loader, ctx, bad_images):
         rows = rows[rows[:, 0] >= 0]
     rows = rows[rows[:, 0].argsort()]
     if data.multi_label:
-        logits = rows[:, 1 + classes :].float()
+        logits = rows[:, 1 + classes :]
         labels = rows[:, 1 : 1 + classes].float()
         return metrics.Predictions(rows[:, 0].long(), labels, nn.functional.logsigmoid(logits), logits)
-    return metrics.Predictions(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:].float())
+    return metrics.Predictions(rows[:, 0].long(), rows[:, 1].long(), rows[:, 2:])
 
 
 # ================================================================================================== main
 
 
-def print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, train_loader, output_dir):
+def print_setup(args, ctx, parts, split_method, train_loader, output_dir):
+    train_set, val_set, test_set = parts["train"], parts["val"], parts["test"]
+    class_names = train_loader.dataset.class_names
     workers, cached = train_loader.num_workers, train_loader.dataset.cache is not None
     precision = "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch.") + " autocast"
     processes = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
@@ -538,13 +547,6 @@ def print_epoch(row, epochs, improved, skipped):
     )
 
 
-def save_on_main(ctx, *args, **kwargs):
-    """Only rank 0 writes checkpoints (torchvision's save_on_master), on the checkpoint thread while training
-    goes on (see run_files.save_checkpoint); the loop waits for them before it ends."""
-    if ctx.is_main:
-        save_checkpoint(*args, **kwargs, background=True)
-
-
 def evaluate_checkpoint(args, checkpoint, output_dir, device):
     """--evaluate: the report for a saved checkpoint, with its own classes and preprocessing, on --val-csv when
     given, else on the validation part of the run's own split."""
@@ -570,17 +572,18 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     thresholds = [args.threshold] * len(class_names) if args.threshold is not None else checkpoint.get("thresholds")
     run_files.make_output_dir(output_dir)
     title = f"evaluation of {args.evaluate} on {val_set.source}"
-    run_files.write_report(output_dir, predictions, val_data, title, thresholds=thresholds)
+    report.write_report(output_dir, predictions, val_data, title, thresholds=thresholds)
     return 0
 
 
-def main(args, argv=None):
-    # ---- device and settings
+def settle_run(args, argv):
+    """The device, the run folder and the run's settings, fixed from here on: a resumed or evaluated run's saved
+    settings applied, the --recipe preset filled in, the flags checked once. (checkpoint or None, output_dir,
+    device, rank, world_size)."""
     rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun
     device = choose_device(args.device)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    # Settled in one place: a resumed or evaluated run's saved settings applied, then checked once.
     typed = run_files.typed_flags(get_args_parser(), argv or [])
     checkpoint, output_dir = run_files.open_run(args, typed, HERE, world_size)
     if checkpoint is None and not args.evaluate:  # a resumed run has its recipe's values already
@@ -588,6 +591,73 @@ def main(args, argv=None):
         if settings and rank == 0:
             print(settings)
     check_args(args)
+    return checkpoint, output_dir, device, rank, world_size
+
+
+def prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train_loader, workers, resuming):
+    """Rank 0 writes split.csv and args.json, prints the setup, reports copies across parts, and draws a first
+    augmented batch (the loader is reseeded at every epoch, so this draws nothing from training's numbers)."""
+    if not ctx.is_main:
+        return
+    run_files.make_output_dir(output_dir)
+    run_files.write_split(output_dir, {name: part and part.samples for name, part in parts.items()})
+    run_files.write_args(output_dir, args, ctx, workers)
+    print_setup(args, ctx, parts, split_method, train_loader, output_dir)
+    duplicates.report(output_dir, copies, args.dedupe)
+    if resuming:
+        print(f"resuming after epoch {resuming}")
+        return
+    images, targets, _ = next(iter(train_loader))
+    if images is not None:
+        plots.draw_batch(output_dir, images, targets, train_loader.dataset.class_names)
+
+
+def stopped(stop, bad_image, saver, ctx, args, output_dir, world_size):
+    """The end of a run a signal or a bad image interrupted: the one-line error, or the resume command and
+    128 + the signal's number. last.pt was saved before."""
+    if bad_image is not None:
+        saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
+        raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image
+    torchrun = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
+    launcher = f"python train.py --nproc {args.nproc}" if args.nproc else torchrun
+    if ctx.is_main:
+        command = f"{launcher} --output-dir {output_dir} --resume"
+        print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
+    return 128 + stop.signum
+
+
+def report_best(model, saver, val_loader, test_loader, ctx, bad_images, output_dir, args, best_predictions=None):
+    """best.pt's report on the validation images and, once, on the test images, computed in fp32 whatever the
+    training precision, so they are what predict.py and the ONNX export give for the same images (the best
+    epoch's `best_predictions` are reused when they were fp32 already). Validation figures are optimistic (the
+    best epoch was chosen on them); the test split is the honest figure."""
+    saver.wait()
+    if ctx.world_size > 1:
+        dist.barrier()  # rank 0 has finished writing best.pt
+    model.load_state_dict(run_files.load_checkpoint(saver.best_path, "best.pt")["model"])
+    exact = dataclasses.replace(ctx, amp_dtype=None)
+    reusable = best_predictions is not None and ctx.amp_dtype is None
+    val_predictions = best_predictions if reusable else evaluate(model, val_loader, exact, bad_images)
+    test_predictions = evaluate(model, test_loader, exact, bad_images) if test_loader is not None else None
+    if not ctx.is_main:
+        return
+    best = saver.best
+    print(f"best {args.best_metric} {abs(best['score']):.3f} at epoch {best['epoch']}: {saver.best_path}")
+    thresholds = best.get("thresholds")  # the best epoch's, chosen on the validation images
+    val_data = dataset_of(val_loader)
+    report.write_report(output_dir, val_predictions, val_data, f"validation report of {saver.best_path}",
+                        thresholds=thresholds)  # fmt: skip
+    print("(validation figures are optimistic: the best epoch was chosen on these images; the test set is honest)")
+    if not val_data.multi_label:
+        cam.draw_val_cam(output_dir, model, args.model, lambda x: to_device(x, exact), val_predictions, val_data)
+    if test_predictions is not None:
+        title = f"test report of {saver.best_path}"
+        report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", thresholds)
+
+
+def main(args, argv=None):
+    # ---- settle the run: device, folder, settings (args do not change after this)
+    checkpoint, output_dir, device, rank, world_size = settle_run(args, argv)
     if args.evaluate:
         return evaluate_checkpoint(args, checkpoint, output_dir, device)
     weights_name = models.torchvision_weights_name(args.weights)
@@ -624,31 +694,18 @@ def main(args, argv=None):
         run_files.restore_training_state(checkpoint, model, optimizer, scheduler, scaler, ema)
     train_model = wrap_model(model, args, ctx)
     scored_model = ema.module if ema is not None else model
-    bad_images = BadImageLog(args.skip_bad_images)
-
-    # ---- the run folder
-    start_epoch = checkpoint["epoch"] if checkpoint else 0
+    last = (model, optimizer, scheduler, scaler, ema)  # what last.pt holds
+    saver = run_files.CheckpointSaver(output_dir, run, args.best_metric, ctx.is_main, checkpoint)
     history = list(checkpoint["history"]) if checkpoint else []
-    best = dict(checkpoint["best"]) if checkpoint else {"score": None, "epoch": 0, "val_acc": 0.0}
-    if ctx.is_main:
-        run_files.make_output_dir(output_dir)
-        splits = {"train": train_set.samples, "val": val_set.samples, "test": test_set and test_set.samples}
-        run_files.write_split(output_dir, splits)
-        run_files.write_args(output_dir, args, ctx, workers)
-        print_setup(args, ctx, train_set, val_set, test_set, class_names, split_method, train_loader, output_dir)
-        duplicates.report(output_dir, copies, args.dedupe)
-        if start_epoch:
-            print(f"resuming after epoch {start_epoch}")
-        else:  # what the augmentation does to these images (the loader is reseeded at every epoch)
-            images, labels, _ = next(iter(train_loader))
-            if images is not None:
-                plots.draw_batch(output_dir, images, labels, class_names)
+    parts = {"train": train_set, "val": val_set, "test": test_set}
+    prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train_loader, workers, len(history))
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
-    training_state, bad_image, best_predictions, thresholds = (optimizer, scheduler, scaler), None, None, None
+    bad_images, bad_image, thresholds, best_predictions = BadImageLog(args.skip_bad_images), None, None, None
+    first_epoch = len(history) + 1
     with StopRequest() as stop:
         try:
-            for epoch in range(start_epoch + 1, args.epochs + 1):
+            for epoch in range(first_epoch, args.epochs + 1):
                 if stop.signum is not None:  # asked to stop during validation or a save
                     break
                 seed_epoch(args.seed, epoch, ctx, train_loader)
@@ -670,23 +727,15 @@ def main(args, argv=None):
                     "epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
                     **val_scores, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - started,
                 })  # fmt: skip
-                score = -val_scores["val_loss"] if args.best_metric == "loss" else val_scores[f"val_{args.best_metric}"]
-                score = -math.inf if math.isnan(score) else score  # no AUC: no class with positives and negatives
-                improved = best["score"] is None or score > best["score"]
-                if improved:  # best.pt before last.pt: a crash in between repeats this epoch, best.pt included
-                    best = {"score": score, "epoch": epoch, "val_acc": val_scores["val_acc"], "thresholds": thresholds}
-                    best_predictions = predictions  # the final report's: no second pass over the images
-                    save_on_main(ctx, output_dir / "best.pt", scored_model, epoch, best, history, run,
-                                 thresholds=thresholds)  # fmt: skip
-                save_on_main(ctx, output_dir / "last.pt", model, epoch, best, history, run, *training_state,
-                             thresholds=thresholds, ema=ema)  # fmt: skip
+                improved = saver.epoch_done(epoch, val_scores, scored_model, history, last, thresholds)
+                best_predictions = predictions if improved else best_predictions  # best.pt's, for the report
                 if ctx.is_main:
-                    run_files.write_metrics(output_dir, history)
+                    report.write_metrics(output_dir, history)
                     plots.draw_results(output_dir, history)
-                    if epoch == start_epoch + 1:  # from the first epoch's line on, the folder holds a checkpoint;
-                        run_files.wait_for_checkpoints()  # later ones are written while the next epoch trains
+                    if epoch == first_epoch:  # from the first epoch's line on, the folder holds a checkpoint;
+                        saver.wait()  # later ones are written while the next epoch trains
                     print_epoch(history[-1], args.epochs, improved, bad_images.count)
-                if args.patience and epoch - best["epoch"] >= args.patience:
+                if args.patience and epoch - saver.best["epoch"] >= args.patience:
                     if ctx.is_main:
                         print(f"no better {args.best_metric} for {args.patience} epochs: stopping early")
                     break
@@ -695,47 +744,16 @@ def main(args, argv=None):
         if stop.signum is not None or bad_image is not None:
             # The weights reached so far, as of the last completed epoch (one history row each): --resume
             # restarts the interrupted one. Saved while the handlers still catch a second signal.
-            save_on_main(ctx, output_dir / "last.pt", model, len(history), best, history, run, *training_state,
-                         thresholds=thresholds, ema=ema)  # fmt: skip
-            run_files.wait_for_checkpoints()
-    if bad_image is not None:
-        saved = "last.pt saved" if ctx.is_main else "last.pt holds the previous epoch"
-        raise DataError(f"{bad_image}; fix or remove it, or pass --skip-bad-images ({saved})") from bad_image
-    if stop.signum is not None:
-        torchrun = f"torchrun --nproc_per_node={world_size} train.py" if world_size > 1 else "python train.py"
-        launcher = f"python train.py --nproc {args.nproc}" if args.nproc else torchrun
-        if ctx.is_main:
-            command = f"{launcher} --output-dir {output_dir} --resume"
-            print(f"saved {output_dir / 'last.pt'}; continue with: {command}", file=sys.stderr)
-        return 128 + stop.signum
+            saver.save_last(len(history), history, last, thresholds)
+            saver.wait()
+    if stop.signum is not None or bad_image is not None:
+        return stopped(stop, bad_image, saver, ctx, args, output_dir, world_size)
 
-    # ---- the best model's report on the validation images (from its epoch), and on the test images once
-    if best["epoch"]:
-        best_path = output_dir / "best.pt"
-        if best_predictions is None or test_data is not None:  # a resumed run's best came before the resume
-            run_files.wait_for_checkpoints()
-            if ctx.world_size > 1:
-                dist.barrier()  # rank 0 has finished writing best.pt
-            model.load_state_dict(run_files.load_checkpoint(best_path, "best.pt")["model"])
-        if best_predictions is None:
-            best_predictions = evaluate(model, val_loader, ctx, bad_images)
-        if test_data is not None:
-            test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers)
-            test_predictions = evaluate(model, test_loader, ctx, bad_images)
-        if ctx.is_main:
-            print(f"best {args.best_metric} {abs(best['score']):.3f} at epoch {best['epoch']}: {best_path}")
-            best_thresholds = best.get("thresholds")  # the best epoch's, chosen on the validation images
-            title = f"validation report of {best_path}"
-            run_files.write_report(output_dir, best_predictions, val_data, title, thresholds=best_thresholds)
-            run_files.wait_for_checkpoints()  # the last epoch's were written while the report was
-            if not val_data.multi_label:
-                cam.draw_val_cam(
-                    output_dir, best_path, model, args.model, lambda x: to_device(x, ctx), best_predictions, val_data
-                )
-            if test_data is not None:
-                title = f"test report of {best_path}"
-                run_files.write_report(output_dir, test_predictions, test_data, title, "test_", best_thresholds)
-    run_files.wait_for_checkpoints()  # the run ends with every checkpoint on disk
+    # ---- the final report: best.pt on the validation images, and once on the test images
+    if saver.best["epoch"]:
+        test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers) if test_data is not None else None
+        report_best(model, saver, val_loader, test_loader, ctx, bad_images, output_dir, args, best_predictions)
+    saver.wait()  # the run ends with every checkpoint on disk
     return 0
 
 
@@ -750,7 +768,7 @@ def cross_validate(args, argv):
         if status:
             return status
     if not args.fold and os.environ.get("RANK", "0") == "0":
-        run_files.write_cv_summary(output_dir, args.folds)
+        report.write_cv_summary(output_dir, args.folds)
     return 0
 
 

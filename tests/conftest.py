@@ -90,7 +90,6 @@ def pytest_configure(config):
 def no_pictures(request, monkeypatch):
     """Drawing costs about a second per run, more than a tiny test epoch: only tests marked `pictures` draw."""
     if "pictures" not in request.keywords:
-        for name in ("draw_results", "draw_confusion_matrix", "draw_roc", "draw_calibration", "draw_predictions",
-                     "draw_batch", "draw_pr_curves", "draw_label_sets"):  # fmt: skip
+        for name in plots.DRAWINGS:
             monkeypatch.setattr(plots, name, lambda *args, **kwargs: True)
         monkeypatch.setattr(cam, "draw_val_cam", lambda *args, **kwargs: True)

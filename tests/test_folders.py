@@ -94,10 +94,10 @@ def test_the_test_set_never_chooses_the_best_checkpoint(tmp_path, tiny_data, mon
         return evaluate(model, loader, *args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate", counting_evaluate)
-    argv = ["--csv", csv_path, "--root", root, "--test-csv", test_csv, *FAST, "--epochs", "2"]
+    argv = ["--csv", csv_path, "--root", root, "--test-csv", test_csv, *FAST, "--epochs", "2", "--amp", "off"]
     assert run_train(*argv, "--output-dir", tmp_path / "run") == 0
     # two epochs of validation (6 images), then best.pt, once, on the 4 test images; the validation report
-    # reuses the predictions of best.pt's epoch
+    # reuses the predictions of best.pt's epoch (fp32 already: a bf16 run evaluates them again in fp32)
     assert evaluated == [6, 6, 4]
 
 

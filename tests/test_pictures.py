@@ -17,6 +17,7 @@ import devices
 import metrics
 import plots
 import presets
+import report
 import run_files
 import train
 
@@ -81,7 +82,7 @@ def test_results_png_after_one_epoch(tmp_path):
 
 def test_results_png_from_metrics_csv_text(tmp_path):
     """Rows read back from metrics.csv hold text, and an older run's rows may lack val_macro_f1."""
-    run_files.write_metrics(tmp_path, history(3))
+    report.write_metrics(tmp_path, history(3))
     rows = read_rows(tmp_path / "metrics.csv")
     rows[0]["val_macro_f1"] = ""
     assert plots.draw_results(tmp_path, rows) is True

@@ -1,0 +1,134 @@
+"""What a run reports, built once and written in one place: per epoch metrics.csv; at the end, for the best
+model on validation and test (or an --evaluate folder), the printed tables, report.csv, confusion_matrix.csv,
+the per-image predictions and the pictures; after --folds, the cross-validation summary. The numbers come from
+metrics.py, the pictures from plots.py.
+
+Validation figures are optimistic: the best epoch (and a multi-label run's thresholds) were chosen on those
+images. The test split, or external data through --evaluate, gives the honest figure.
+"""
+
+import csv
+import statistics
+from pathlib import Path
+
+import metrics
+import plots
+from files import write_csv_atomically
+from labels import LABEL_SEP
+
+METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
+
+
+LABEL_METRIC_COLUMNS = [*METRIC_COLUMNS, "val_map"]  # multi-label: val_acc is exact-match accuracy
+
+
+def write_metrics(output_dir, history):
+    columns = LABEL_METRIC_COLUMNS if history and "val_map" in history[0] else METRIC_COLUMNS
+    write_csv_atomically(output_dir / "metrics.csv", columns, history)
+
+
+def write_report(output_dir, predictions, data, title, prefix="", thresholds=None):
+    """The final report of a model on one part of the data (metrics.Predictions of the MyDataset `data`):
+    printed, and saved as {prefix}report.csv, {prefix}confusion_matrix.csv, {val_|test_}predictions.csv and
+    the pictures {prefix}confusion_matrix.png, {prefix}roc.png, {prefix}calibration.png, and for validation
+    (no prefix) val_predictions.jpg. Multi-label: see write_label_report."""
+    if predictions.multi_label:
+        return write_label_report(output_dir, predictions, data, title, prefix, thresholds)
+    class_names = data.class_names
+    rows, confusion = metrics.report(predictions, class_names)
+    print(metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names), flush=True)
+    write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.REPORT_COLUMNS, rows)
+    header = ["true\\predicted", *class_names]
+    matrix_rows = [dict(zip(header, [name, *counts])) for name, counts in zip(class_names, confusion.tolist())]
+    write_csv_atomically(output_dir / f"{prefix}confusion_matrix.csv", header, matrix_rows)
+    write_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data)
+
+    plots.draw_confusion_matrix(output_dir, confusion, class_names, prefix)
+    aucs = [row["auc"] for row in rows[: len(class_names)]]
+    plots.draw_roc(output_dir, metrics.roc_curves(predictions), aucs, class_names, prefix)
+    ece = next(row["value"] for row in rows if row["label"] == "ece")
+    plots.draw_calibration(output_dir, metrics.calibration_bins(predictions), ece, prefix)
+    if not prefix:
+        plots.draw_predictions(output_dir, *plots.worth_seeing(predictions, data), class_names)
+
+
+def write_predictions(path, predictions, data):
+    """One row per evaluated image: image, label, predicted, confidence, then p_<class> for every class."""
+    class_names = data.class_names
+    header = ["image", "label", "predicted", "confidence", *(f"p_{name}" for name in class_names)]
+    probabilities = predictions.probabilities.tolist()
+    rows = [
+        dict(zip(header, [data.images[i], class_names[t], class_names[p], max(probs), *probs]))
+        for i, t, p, probs in zip(
+            predictions.indices.tolist(), predictions.labels.tolist(), predictions.predicted.tolist(), probabilities
+        )
+    ]
+    write_csv_atomically(path, header, rows)
+
+
+def write_label_report(output_dir, predictions, data, title, prefix, thresholds):
+    """write_report for a multi-label model at its per-class `thresholds`: {prefix}report.csv
+    (LABEL_REPORT_COLUMNS), {val_|test_}predictions.csv, {prefix}pr_curves.png and {prefix}roc.png, and
+    for validation val_predictions.jpg (true and predicted label sets)."""
+    class_names = data.class_names
+    rows = metrics.label_report(predictions, class_names, thresholds)
+    print(metrics.label_report_text(title, metrics.mean_loss(predictions), rows, class_names), flush=True)
+    write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.LABEL_REPORT_COLUMNS, rows)
+    write_label_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data, thresholds)
+    per_class = rows[: len(class_names)]
+    plots.draw_pr_curves(output_dir, metrics.pr_curves(predictions), [row["ap"] for row in per_class], class_names,
+                         prefix)  # fmt: skip
+    plots.draw_roc(output_dir, metrics.roc_curves(predictions), [row["auc"] for row in per_class], class_names, prefix)
+    if not prefix:
+        plots.draw_label_sets(output_dir, *plots.label_sets_worth_seeing(predictions, thresholds, data), class_names)
+
+
+def write_label_predictions(path, predictions, data, thresholds):
+    """One row per evaluated image: image, labels (true, 'a;b', empty for none), predicted (the same), then
+    p_<class> for every class."""
+    class_names = data.class_names
+    header = ["image", "labels", "predicted", *(f"p_{name}" for name in class_names)]
+    chosen = metrics.predicted_sets(predictions, thresholds).tolist()
+    rows = []
+    for i, true, predicted, probabilities in zip(
+        predictions.indices.tolist(), predictions.labels.tolist(), chosen, predictions.probabilities.tolist()
+    ):
+        true_names = LABEL_SEP.join(name for name, t in zip(class_names, true) if t == 1)
+        predicted_names = LABEL_SEP.join(name for name, p in zip(class_names, predicted) if p)
+        rows.append(dict(zip(header, [data.images[i], true_names, predicted_names, *probabilities])))
+    write_csv_atomically(path, header, rows)
+
+
+CV_SCORES = ("accuracy", "macro f1", "macro auc", "map", "exact match")  # those a report has
+
+
+def write_cv_summary(output_dir, folds):
+    """After --folds K: cv_summary.csv (each fold's validation scores, and test scores when there is a test
+    set, with their mean and sample standard deviation), cv_predictions.csv (every image's out-of-fold
+    prediction, with its fold), and the same summary on the console."""
+
+    def read(path):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f))
+
+    fold_dirs = [Path(output_dir) / f"fold{k}" for k in range(1, folds + 1)]
+    rows, lines = [], []
+    for part, prefix in (("val", ""), ("test", "test_")):
+        if not all((d / f"{prefix}report.csv").exists() for d in fold_dirs):
+            continue
+        reports = [{row["label"]: row["value"] for row in read(d / f"{prefix}report.csv")} for d in fold_dirs]
+        for score in (score for score in CV_SCORES if score in reports[0]):
+            values = [float(report[score]) if report.get(score) else float("nan") for report in reports]
+            defined = [v for v in values if v == v]
+            mean = statistics.fmean(defined) if defined else float("nan")
+            sd = statistics.stdev(defined) if len(defined) > 1 else float("nan")
+            rows.append({"metric": f"{part} {score}", **{f"fold{k}": v for k, v in enumerate(values, 1)},
+                         "mean": mean, "sd": sd})  # fmt: skip
+            lines.append(f"{part} {score} {mean:.3f} ± {sd:.3f}")
+    header = ["metric", *(f"fold{k}" for k in range(1, folds + 1)), "mean", "sd"]
+    write_csv_atomically(Path(output_dir) / "cv_summary.csv", header, rows)
+    predictions = [dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in read(d / "val_predictions.csv")]
+    columns = ["fold", *(key for key in predictions[0] if key != "fold")]
+    write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
+    print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
+    print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
