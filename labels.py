@@ -458,6 +458,14 @@ def _read_image_set(path, folder, image_col, label_col, group_col, group_optiona
     return ImageSet(samples, folder, str(path), sep is not None)
 
 
+def is_multi_label(csv_path, image_col, label_col, label_format):
+    """Whether the training CSV's labels are label sets: asked for by the flags, or found (a value holds ';').
+    Class folders (no CSV) are never multi-label."""
+    if csv_path is None:
+        return False
+    return label_format.stated or label_col_holds(csv_path, image_col, label_col, LABEL_SEP)
+
+
 def label_col_holds(csv_path, image_col, label_col, sep):
     """Whether some value of the CSV's label column contains `sep`: multi-label, found by itself."""
     header, rows = read_csv_rows(csv_path)

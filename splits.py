@@ -22,18 +22,20 @@ from labels import (
 
 
 def labelled_image_sets(
-    *sources, val_split, seed, method="auto", skip_bad=False, folds=None, fold=None, label_format=DEFAULT_LABELS
+    *, val_split, seed, method="auto", skip_bad=False, folds=None, fold=None, label_format=DEFAULT_LABELS, **sources
 ):
-    """(train, val, test, class_names, split_method): the ImageSets read_image_sets(*sources) reads, every image
+    """(train, val, test, class_names, split_method): the ImageSets read_image_sets(**sources) reads (data, csv,
+    root, val_csv, val_root, test_csv, test_root, image_col, label_col, group_col, group_pattern), every image
     checked (see `checked`), the classes those of the training images. Without a validation CSV or folder,
     validation is `val_split` of the images (see split_samples), whole groups at a time when there are groups.
     Refuses a single class, val/test labels that are not classes, and a --val-csv whose images are all --csv
     images; warns when a group is in two parts, or when the CSV has a column that looks like a grouping."""
-    everything, val_set, test_set = read_image_sets(*sources, label_format=label_format)
-    column = group_like_column(sources[1]) if sources[1] and "group" not in everything.samples else None
-    if column:  # sources[1] is --csv
+    everything, val_set, test_set = read_image_sets(**sources, label_format=label_format)
+    csv = sources.get("csv")
+    column = group_like_column(csv) if csv and "group" not in everything.samples else None
+    if column:
         print(
-            f"hint: {sources[1]} has a column {column!r}; if it names the patient or subject of each image, pass "
+            f"hint: {csv} has a column {column!r}; if it names the patient or subject of each image, pass "
             f"--group-col {column} so that none is in both train and validation",
             file=sys.stderr,
         )
@@ -49,11 +51,11 @@ def labelled_image_sets(
         raise DataError(f"--folds splits {everything.source} itself; drop the separate validation images")
     else:
         check_val_images_are_not_training_images(everything, val_set)  # after the check: it refuses outside paths
-        train_set, method = everything, "val folder" if sources[0] else "separate CSV"  # sources[0] is --data
+        train_set, method = everything, "val folder" if sources.get("data") else "separate CSV"
     warn_shared_groups({"train": train_set, "val": val_set, "test": test_set})
     if "group" in train_set.samples:
         groups = pd.concat([part.samples["group"] for part in (train_set, val_set, test_set) if part is not None])
-        method = f"grouped by {sources[9] or 'pattern'}: {groups.nunique()} groups, {method}"  # sources[9]: group_col
+        method = f"grouped by {sources.get('group_col') or 'pattern'}: {groups.nunique()} groups, {method}"
     return train_set, val_set, test_set, class_names, method
 
 

@@ -49,7 +49,7 @@ from dataset import BadImageLog, MyDataset, loader_options
 from devices import choose_device, loader_workers, make_context, to_device
 from errors import BadImageError, DataError, UsageError
 from files import WriteError
-from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, label_matrix
+from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, is_multi_label, label_matrix
 from models import build_model, check_input_size, model_from_checkpoint
 from processes import StopRequest, launch_processes, processes_to_launch
 
@@ -192,18 +192,12 @@ def check_args(args):
 def load_samples(args):
     """(train, val, test, class_names, split_method, copies): every image checked before training; validation is
     --val-split of them without a val CSV or folder (splits.labelled_image_sets); copies across parts found."""
-    sources = (args.data, args.csv, args.root, args.val_csv, args.val_root, args.test_csv, args.test_root)
-    columns = (args.image_col, args.label_col, args.group_col, args.group_pattern)
+    sources = ("data", "csv", "root", "val_csv", "val_root", "test_csv", "test_root", "image_col", "label_col")
+    sources = {name: getattr(args, name) for name in (*sources, "group_col", "group_pattern")}
     train_set, val_set, test_set, class_names, split_method = splits.labelled_image_sets(
-        *sources, *columns, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
+        **sources, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
         folds=args.folds, fold=args.fold, label_format=label_format_of(args),
     )  # fmt: skip
-    if args.best_metric == "map" and not train_set.multi_label:
-        raise UsageError("--best-metric map is for multi-label data; use acc, macro_f1, auc or loss")
-    if args.threshold is not None and not train_set.multi_label:
-        raise UsageError("--threshold is for multi-label data (one class per image takes the most probable)")
-    args.best_metric = args.best_metric or ("map" if train_set.multi_label else "acc")
-    args.crop_scale = args.crop_scale or recipe.default_crop_scale(args.recipe, train_set.multi_label)
     val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
     return train_set, val_set, test_set, class_names, split_method, copies
 
@@ -552,8 +546,6 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     given, else on the validation part of the run's own split."""
     ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     class_names = list(checkpoint["class_names"])
-    if checkpoint.get("multi_label") and not args.label_cols:  # label sets, even where none holds a ';'
-        args.label_sep = args.label_sep or LABEL_SEP
     if args.val_csv:
         val_root = args.val_root or args.root or Path(args.val_csv).parent
         columns = (args.image_col, args.label_col, args.skip_bad_images, label_format_of(args))
@@ -591,7 +583,31 @@ def settle_run(args, argv):
         if settings and rank == 0:
             print(settings)
     check_args(args)
+    settle_defaults(args, device, checkpoint)
     return checkpoint, output_dir, device, rank, world_size
+
+
+def settle_defaults(args, device, checkpoint):
+    """The defaults that follow from the data and the machine, filled in before anything reads them: what
+    best.pt is best at and the crop scale (multi-label: mAP and a larger crop), an evaluated multi-label model's
+    CSV read as label sets, and fp32 for --progressive on a CPU."""
+    if args.evaluate:
+        if checkpoint.get("multi_label") and not args.label_cols:  # label sets, even where none holds a ';'
+            args.label_sep = args.label_sep or LABEL_SEP
+        return
+    multi_label = is_multi_label(args.csv, args.image_col, args.label_col, label_format_of(args))
+    if args.best_metric == "map" and not multi_label:
+        raise UsageError("--best-metric map is for multi-label data; use acc, macro_f1, auc or loss")
+    if args.threshold is not None and not multi_label:
+        raise UsageError("--threshold is for multi-label data (one class per image takes the most probable)")
+    args.best_metric = args.best_metric or ("map" if multi_label else "acc")
+    args.crop_scale = args.crop_scale or recipe.default_crop_scale(args.recipe, multi_label)
+    if args.progressive and args.amp == "auto" and device.type == "cpu":
+        # bf16 autocast on a CPU turned the validation loss NaN now and then after a size change (oneDNN
+        # channels_last kernels, about 1 run in 6 at 16 -> 48 px): fp32 there, unless --amp asks for bf16.
+        args.amp = "off"
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("--progressive on a CPU: training in fp32 (--amp bf16 to insist)")
 
 
 def prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train_loader, workers, resuming):

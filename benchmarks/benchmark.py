@@ -253,8 +253,9 @@ class Ours:
         argv += ["--compile"] if opts.compile else []
         args = train.get_args_parser().parse_args(argv)
         train.check_args(args)
-        self.args = args
         device = devices.choose_device(args.device)
+        train.settle_defaults(args, device, checkpoint=None)
+        self.args = args
         self.device = device
 
         # Every image trains (no split, like A), checked as train.py checks them; a one-image validation set only

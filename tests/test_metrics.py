@@ -98,29 +98,44 @@ def random_predictions(count=120, classes=3, seed=0):
     return metrics.Predictions(torch.arange(count), labels, logits.log_softmax(1))
 
 
-def test_bootstrap_resamples_keep_every_class_count():
+def test_stratified_bootstrap_resamples_keep_every_class_count():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    counts = metrics.bootstrap_counts(labels, resamples=50, seed=3)
+    counts = metrics.bootstrap_counts(labels, resamples=50, seed=3, stratified=True)
     for c in range(3):
         assert (counts[:, labels == c].sum(1) == (labels == c).sum()).all()
     assert len({tuple(row) for row in counts}) > 40  # the resamples differ
-    assert (metrics.bootstrap_counts(labels, 50, 3) == counts).all()  # seeded
+    assert (metrics.bootstrap_counts(labels, 50, 3, stratified=True) == counts).all()  # seeded
+
+
+def test_the_bootstrap_draws_images_regardless_of_class_by_default():
+    labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    counts = metrics.bootstrap_counts(labels, resamples=200, seed=3)
+    assert (counts.sum(1) == len(labels)).all()
+    assert len(set(counts[:, labels == 1].sum(1).tolist())) > 2  # class 1's count varies from resample to resample
+    assert (metrics.bootstrap_counts(labels, 200, 3) == counts).all()  # seeded
 
 
 def test_bootstrap_interval_equals_the_percentiles_of_the_resamples_written_out():
+    from torchmetrics.functional.classification import binary_auroc, multiclass_f1_score
+
     predictions = random_predictions()
     intervals = metrics.bootstrap_intervals(predictions, resamples=200, seed=5)
     counts = metrics.bootstrap_counts(predictions.labels.numpy(), 200, 5)
-    by_resample = {"accuracy": [], "macro_f1": [], "macro_auc": []}
+    by_resample = {"macro_f1": [], "macro_auc": [], "ece": [], "f1": [], "auc": []}
     for row in counts:
         drawn = torch.from_numpy(np.repeat(np.arange(len(row)), row))
         resample = metrics.Predictions(drawn, predictions.labels[drawn], predictions.log_probabilities[drawn])
         scores = metrics.epoch_scores(resample)  # torchmetrics on the written-out resample
-        by_resample["accuracy"].append(scores["val_acc"])
         by_resample["macro_f1"].append(scores["val_macro_f1"])
         by_resample["macro_auc"].append(scores["val_auc"])
+        by_resample["ece"].append(metrics.expected_calibration_error(resample))
+        labels, probabilities = resample.labels, resample.probabilities
+        by_resample["f1"].append(multiclass_f1_score(probabilities, labels, 3, average=None)[0].item())
+        by_resample["auc"].append(binary_auroc(probabilities[:, 0], (labels == 0).long()).item())
     for name, values in by_resample.items():
-        assert intervals[name] == pytest.approx(tuple(np.percentile(values, [2.5, 97.5])), abs=1e-6)
+        expected = tuple(np.percentile(values, [2.5, 97.5]))
+        interval = intervals[name] if name.startswith(("macro", "ece")) else tuple(end[0] for end in intervals[name])
+        assert interval == pytest.approx(expected, abs=1e-6), name
 
 
 def test_accuracy_interval_is_as_wide_as_the_binomial_one():
@@ -128,9 +143,27 @@ def test_accuracy_interval_is_as_wide_as_the_binomial_one():
     labels = [i % 2 for i in range(400)]
     right = [i % 5 != 0 for i in range(400)]
     table = [[0.8, 0.2] if (label == 0) == ok else [0.2, 0.8] for label, ok in zip(labels, right)]
-    low, high = metrics.bootstrap_intervals(predictions_of(table, labels))["accuracy"]
-    assert low < 0.8 < high
-    assert high - low == pytest.approx(2 * 1.96 * math.sqrt(0.8 * 0.2 / 400), rel=0.2)
+    rows, _ = metrics.report(predictions_of(table, labels), ["a", "b"])
+    accuracy = next(row for row in rows if row["label"] == "accuracy")
+    low, high = accuracy["ci_low"], accuracy["ci_high"]
+    assert low < 0.8 < high and accuracy["ci_method"] == "wilson"
+    assert high - low == pytest.approx(2 * 1.96 * math.sqrt(0.8 * 0.2 / 400), rel=0.05)
+
+
+def test_per_class_and_macro_scores_equal_scikit_learn():
+    from sklearn import metrics as sk
+
+    predictions = random_predictions(count=150, classes=4, seed=2)
+    labels, predicted = predictions.labels.numpy(), predictions.predicted.numpy()
+    scores = metrics.class_scores(predictions)
+    precision, recall, f1, support = sk.precision_recall_fscore_support(labels, predicted, zero_division=0)
+    assert scores["precision"] == pytest.approx(precision.tolist())
+    assert scores["recall"] == pytest.approx(recall.tolist()) and scores["f1"] == pytest.approx(f1.tolist())
+    assert scores["support"] == support.tolist()
+    assert metrics.macro_average(scores, "f1") == pytest.approx(sk.f1_score(labels, predicted, average="macro"))
+    probabilities = predictions.probabilities.double().numpy()
+    for c in range(4):
+        assert scores["auc"][c] == pytest.approx(sk.roc_auc_score(labels == c, probabilities[:, c]), abs=1e-9)
 
 
 def test_report_rows_and_summary_line():

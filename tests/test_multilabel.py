@@ -43,7 +43,7 @@ def write_shapes(folder, count=120, seed=0):
 
 def image_sets(csv_path, root, **format_flags):
     train_set, val_set, _, class_names, _ = splits.labelled_image_sets(
-        None, str(csv_path), str(root), val_split=0.3, seed=0, label_format=LabelFormat(**format_flags)
+        csv=str(csv_path), root=str(root), val_split=0.3, seed=0, label_format=LabelFormat(**format_flags)
     )
     return train_set, val_set, class_names
 

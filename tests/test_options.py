@@ -82,7 +82,7 @@ def test_evaluate_handles_classes_absent_from_the_data(train_tiny, tiny_data, tm
         == 0
     )
     report = {row["label"]: row for row in read_rows(tmp_path / "cats" / "report.csv")}
-    assert report["dog"]["support"] == "0" and float(report["dog"]["recall"]) == 0.0
+    assert report["dog"]["support"] == "0" and report["dog"]["recall"] == report["dog"]["f1"] == ""  # undefined
     assert report["macro avg"]["support"] == "4"
     # only cats: no class has both positive and negative images, so no AUC; cat has no specificity either
     assert report["cat"]["auc"] == report["dog"]["auc"] == report["macro auc"]["value"] == ""
@@ -144,6 +144,7 @@ def test_balanced_sampler_draws_classes_about_equally(tiny_data, tmp_path):
     rows = [(f"cat_{i}.png", "cat") for i in range(8)] + [("dog_0.png", "dog"), ("dog_1.png", "dog")]
     skewed = write_csv(tmp_path / "skewed.csv", rows)
     args = options("--csv", skewed, "--root", root, *FAST, "--balanced-sampler", "--cache", "off", "--val-split", "0.2")
+    train.settle_defaults(args, torch.device("cpu"), checkpoint=None)  # as main's settle stage does
     train_set, val_set, _, class_names, _, _ = train.load_samples(args)
     train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
     ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)

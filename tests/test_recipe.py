@@ -1,5 +1,6 @@
 """The training recipe (recipe.py): augmentation, progressive resizing, MixUp/CutMix, EMA, the LR range test."""
 
+import json
 import math
 import random
 
@@ -407,10 +408,18 @@ def test_progressive_resizing_trains_each_epoch_at_its_size(train_tiny, monkeypa
         return original(model, loss_fn, optimizer, scheduler, scaler, loader, ctx, args, epoch, *rest, **kwargs)
 
     monkeypatch.setattr(train, "train_one_epoch", spying)
-    # fp32: bf16 on a CPU has turned a 16 -> 48 px size change into a NaN loss, now and then (README)
-    assert train_tiny("--epochs", "4", "--image-size", "48", "--progressive", "16", "--amp", "off")[0] == 0
+    status, run_dir = train_tiny("--epochs", "4", "--image-size", "48", "--progressive", "16")
+    assert status == 0
     assert seen == {epoch: {recipe.progressive_size(epoch, 4, 16, 48)} for epoch in range(1, 5)}
     assert [min(sizes) for sizes in seen.values()] == [16, 32, 48, 48]
+
+
+def test_progressive_resizing_on_a_cpu_trains_in_fp32(train_tiny, capsys):
+    # bf16 on a CPU has turned a 16 -> 48 px size change into a NaN loss, now and then (README)
+    status, run_dir = train_tiny("--epochs", "1", "--image-size", "48", "--progressive", "16")
+    assert status == 0
+    assert json.loads((run_dir / "args.json").read_text())["precision"] == "fp32"
+    assert "--progressive on a CPU: training in fp32" in capsys.readouterr().out
 
 
 def test_the_modern_recipe_prints_its_values_and_a_flag_given_wins(train_tiny, capsys):

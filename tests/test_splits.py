@@ -74,9 +74,7 @@ def test_group_col_keeps_every_patient_in_one_part_and_split_csv_names_the_group
 
 def image_sets(**sources):
     """splits.labelled_image_sets as train.py calls it, for the flags given as keywords."""
-    names = ["data", "csv", "root", "val_csv", "val_root", "test_csv", "test_root", "image_col", "label_col"]
-    names += ["group_col", "group_pattern"]
-    return splits.labelled_image_sets(*(sources.get(name) for name in names), val_split=0.3, seed=0)
+    return splits.labelled_image_sets(**sources, val_split=0.3, seed=0)
 
 
 def test_a_patient_like_column_without_group_col_gives_a_hint(patient_csv, capsys):

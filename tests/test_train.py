@@ -102,6 +102,7 @@ def test_stratified_split_keeps_each_class_share(tiny_data):
 def test_validation_images_are_not_augmented_but_training_images_are(tiny_data):
     csv_path, root = tiny_data
     args = train.get_args_parser().parse_args(["--csv", str(csv_path), "--root", str(root), *FAST, "--cache", "off"])
+    train.settle_defaults(args, torch.device("cpu"), checkpoint=None)  # as main's settle stage does
     train_set, val_set, _, class_names, _, _ = train.load_samples(args)
     train_data, val_data, _ = train.build_datasets(args, train_set, val_set, None, class_names, 36)
     ctx = devices.make_context(torch.device("cpu"), "off", presets.IMAGENET_MEAN, presets.IMAGENET_STD)
