@@ -33,7 +33,7 @@ import cli
 import exported
 import presets
 import run_files
-from dataset import MyDataset, loader_options
+from dataset import BadImageLog, MyDataset, loader_options
 from devices import choose_device, loader_workers, make_context, to_device
 from errors import DataError, UsageError, one_line
 from files import WriteError, write_atomically
@@ -244,9 +244,9 @@ def main(args):
     cam_files = CamFiles(args.cam, groups, class_names, checkpoint, args.cam_class) if args.cam else None
     with torch.inference_mode(not args.cam):  # Grad-CAM needs gradients
         bar = tqdm(loader, desc="predict", leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+        bad_images = BadImageLog(skip=True)  # each unreadable image said once, with its CSV line
         for images, rows, bad in bar:
-            for image in bad:
-                tqdm.write(f"warning: skipping {image.image}: {image.reason}", file=sys.stderr)
+            bad_images.handle(bad)
             if images is not None:
                 batch_probabilities, maps = probabilities(images)
                 predicted += zip(rows.tolist(), batch_probabilities)

@@ -94,8 +94,8 @@ def test_unreadable_images_are_reported_and_skipped(train_tiny, tiny_data, tmp_p
 
     assert [r["image"] for r in read_rows(out)] == ["cat_0.png", "dog_0.png", "fox_0.png"]
     err = capsys.readouterr().err
-    assert "warning: skipping broken.png: not an image Pillow can read" in err
-    assert "warning: skipping missing.png:" in err
+    assert "warning: skipping line 3 broken.png: not an image Pillow can read" in err  # its row of list.csv
+    assert "warning: skipping line 4 missing.png:" in err
     assert "2 unreadable images skipped" in err
 
 
