@@ -1,6 +1,6 @@
 """How often the report's 95% intervals hold the true value, by simulation: many evaluated sets drawn from a
-known model, each given its interval by the functions report() uses (metrics.proportion_interval,
-metrics.bootstrap_intervals and metrics.score_interval), and the share of intervals that contain the truth.
+known model, each given its interval by the functions report() uses (proportion_interval,
+metrics.bootstrap_intervals and score_interval), and the share of intervals that contain the truth.
 Also the ECE a perfectly calibrated model shows by set size (the floor behind metrics.SMALL_SET), and with
 --repeat how far the bootstrap's ends move under other seeds on 300 images.
 
@@ -21,6 +21,7 @@ from scipy import stats
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import metrics  # noqa: E402
+from intervals import bootstrap_counts, proportion_interval, score_interval
 
 
 def binary_predictions(positive, scores):
@@ -38,7 +39,7 @@ def class_predictions(labels, predicted, classes):
 
 def accuracy_coverage(true, n, sets, rng):
     """(exact coverage, simulated coverage, the old stratified percentile bootstrap's simulated coverage)."""
-    intervals = [metrics.proportion_interval(x, n)[:2] for x in range(n + 1)]
+    intervals = [proportion_interval(x, n)[:2] for x in range(n + 1)]
     covered = np.array([low <= true <= high for low, high in intervals])
     exact = float(stats.binom.pmf(np.arange(n + 1), n, true) @ covered)
     counts = rng.binomial(n, true, sets)
@@ -46,7 +47,7 @@ def accuracy_coverage(true, n, sets, rng):
     for _ in range(min(sets, 300)):  # the percentile bootstrap this replaced: stratified by class, 1,000 resamples
         labels = rng.integers(0, 2, n)
         correct = rng.random(n) < true
-        weights = metrics.bootstrap_counts(labels, 1000, int(rng.integers(1 << 31)), stratified=True)
+        weights = bootstrap_counts(labels, 1000, int(rng.integers(1 << 31)), stratified=True)
         low, high = np.percentile(weights @ correct / n, [2.5, 97.5])
         old.append(low <= true <= high)
     return exact, float(covered[counts].mean()), float(np.mean(old))
@@ -65,7 +66,7 @@ def auc_coverage(true_auc, n, sets, resamples, rng, prevalence=0.5):
         predictions = binary_predictions(positive, scores)
         value = metrics.class_scores(predictions)["auc"][1]
         bootstrap = metrics.bootstrap_intervals(predictions, resamples, int(rng.integers(1 << 31)))["macro_auc"]
-        low, high, method = metrics.score_interval(value, bootstrap, int(min(positive.sum(), (~positive).sum())))
+        low, high, method = score_interval(value, bootstrap, int(min(positive.sum(), (~positive).sum())))
         hits.append(low <= true_auc <= high)
         bound.append(method != "bootstrap")
     return float(np.mean(hits)), float(np.mean(bound))
@@ -87,7 +88,7 @@ def macro_f1_coverage(n, sets, resamples, rng):
         value = metrics.macro_average(scores, "f1")
         bootstrap = metrics.bootstrap_intervals(predictions, resamples, int(rng.integers(1 << 31)))["macro_f1"]
         trials = min(s for s in scores["support"] if s > 0)
-        low, high, _ = metrics.score_interval(value, bootstrap, trials)
+        low, high, _ = score_interval(value, bootstrap, trials)
         hits.append(low <= true_f1 <= high)
     return float(np.mean(hits)), float(true_f1)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import metrics
+from intervals import bootstrap_counts
 
 
 def predictions_of(probabilities, labels):
@@ -100,19 +101,19 @@ def random_predictions(count=120, classes=3, seed=0):
 
 def test_stratified_bootstrap_resamples_keep_every_class_count():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    counts = metrics.bootstrap_counts(labels, resamples=50, seed=3, stratified=True)
+    counts = bootstrap_counts(labels, resamples=50, seed=3, stratified=True)
     for c in range(3):
         assert (counts[:, labels == c].sum(1) == (labels == c).sum()).all()
     assert len({tuple(row) for row in counts}) > 40  # the resamples differ
-    assert (metrics.bootstrap_counts(labels, 50, 3, stratified=True) == counts).all()  # seeded
+    assert (bootstrap_counts(labels, 50, 3, stratified=True) == counts).all()  # seeded
 
 
 def test_the_bootstrap_draws_images_regardless_of_class_by_default():
     labels = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2])
-    counts = metrics.bootstrap_counts(labels, resamples=200, seed=3)
+    counts = bootstrap_counts(labels, resamples=200, seed=3)
     assert (counts.sum(1) == len(labels)).all()
     assert len(set(counts[:, labels == 1].sum(1).tolist())) > 2  # class 1's count varies from resample to resample
-    assert (metrics.bootstrap_counts(labels, 200, 3) == counts).all()  # seeded
+    assert (bootstrap_counts(labels, 200, 3) == counts).all()  # seeded
 
 
 def test_bootstrap_interval_equals_the_percentiles_of_the_resamples_written_out():
@@ -120,7 +121,7 @@ def test_bootstrap_interval_equals_the_percentiles_of_the_resamples_written_out(
 
     predictions = random_predictions()
     intervals = metrics.bootstrap_intervals(predictions, resamples=200, seed=5)
-    counts = metrics.bootstrap_counts(predictions.labels.numpy(), 200, 5)
+    counts = bootstrap_counts(predictions.labels.numpy(), 200, 5)
     by_resample = {"macro_f1": [], "macro_auc": [], "ece": [], "f1": [], "auc": []}
     for row in counts:
         drawn = torch.from_numpy(np.repeat(np.arange(len(row)), row))
