@@ -125,9 +125,10 @@ def captioned(image, caption):
     return picture
 
 
-def draw_val_cam(output_dir, model, model_name, to_device, predictions, data, max_images=32):
-    """val_cam.jpg: val_predictions.jpg's images (mistakes first) with best.pt's Grad-CAM map of the class it
-    predicted blended on each (`model` holds best.pt's weights). A failure is one warning line, never a failed run."""
+def draw_val_cam(model, model_name, to_device, predictions, data, max_images=32):
+    """val_cam.jpg, rendered (a plots.Picture): val_predictions.jpg's images (mistakes first) with best.pt's
+    Grad-CAM map of the class it predicted blended on each (`model` holds best.pt's weights). A failure is one
+    warning line and None, never a failed run."""
     import plots
 
     try:
@@ -137,6 +138,6 @@ def draw_val_cam(output_dir, model, model_name, to_device, predictions, data, ma
         _, maps = grad_cam.maps(to_device(images))
     except Exception as e:
         print(f"warning: could not draw val_cam.jpg ({type(e).__name__}: {one_line(e)})", file=sys.stderr)
-        return False
-    return plots.draw_predictions(output_dir, overlay(images, maps), true, predicted, confidence, data.class_names,
+        return None
+    return plots.draw_predictions(overlay(images, maps), true, predicted, confidence, data.class_names,
                                   name="val_cam.jpg")  # fmt: skip

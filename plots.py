@@ -2,20 +2,21 @@
 calibration.png, pr_curves.png (multi-label), val_predictions.jpg and train_batch.jpg, and the fonts their
 class names need.
 
-A picture is never worth a run: every draw_* function catches its own failure (matplotlib missing, an odd
-value, a full disk), prints one warning line and returns False. matplotlib is imported only when drawing, so
+Plots render, the caller saves or embeds: every draw_* function returns a Picture (its file name and its
+encoded bytes; report.save_picture writes it into the run folder). A picture is never worth a run: a failure
+(matplotlib missing, an odd value) is one warning line and None. matplotlib is imported only when drawing, so
 importing this module stays fast and works without it. Figures are plain matplotlib Figure objects on the Agg
 canvas, never pyplot: no display is needed, no global backend is switched in the caller's process, and nothing
-stays registered in memory after a picture is saved.
+stays registered in memory after a picture is rendered.
 """
 
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from errors import one_line
-from files import write_atomically
 from metrics import display_width
 
 PICTURE_DPI = 100
@@ -33,13 +34,20 @@ def _warn_once(key, message):
         print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _save_picture(path, draw, class_names=()):
-    """Save the Figure that draw(labels) returns as `path` (.png or .jpg), atomically.
+class Picture(NamedTuple):
+    """A rendered picture: the file name it is saved as in a run folder (its extension says the format), and
+    its encoded bytes, to save (report.save_picture) or embed."""
+
+    name: str
+    data: bytes
+
+
+def _render(name, draw, class_names=()):
+    """The Figure that draw(labels) returns, encoded as `name`'s format (.png or .jpg): a Picture.
 
     `labels` are the class names as text, or the class numbers when no installed font has their characters.
-    Any failure becomes one warning line and False: a picture must never stop training.
+    Any failure becomes one warning line and None: a picture must never stop training.
     """
-    path = Path(path)
     try:
         import io
 
@@ -52,14 +60,14 @@ def _save_picture(path, draw, class_names=()):
             figure = draw(labels)
             FigureCanvasAgg(figure)
             buffer = io.BytesIO()
-            options = {"pil_kwargs": {"quality": 85}} if path.suffix == ".jpg" else {}
-            figure.savefig(buffer, format=path.suffix[1:], dpi=PICTURE_DPI, **options)
-        write_atomically(path, lambda f: f.write(buffer.getvalue()))
-        return True
+            suffix = Path(name).suffix
+            options = {"pil_kwargs": {"quality": 85}} if suffix == ".jpg" else {}
+            figure.savefig(buffer, format=suffix[1:], dpi=PICTURE_DPI, **options)
+        return Picture(name, buffer.getvalue())
     except Exception as e:
         reason = f"{type(e).__name__}: {one_line(e)}"
-        _warn_once((path.name, reason), f"could not draw {path.name} ({reason})")
-        return False
+        _warn_once((name, reason), f"could not draw {name} ({reason})")
+        return None
 
 
 # ------------------------------------------------------------------------------------------------- fonts
@@ -126,12 +134,12 @@ def _shorten(text, width):
 # ---------------------------------------------------------------------------------------------- results
 
 
-def draw_results(output_dir, history):
+def draw_results(history):
     """results.png: loss, accuracy, validation macro-F1 and learning rate per epoch.
 
     `history` is the metrics.csv rows (numbers or their text); drawn after every epoch with the whole history.
     """
-    return _save_picture(Path(output_dir) / "results.png", lambda labels: _results_figure(history))
+    return _render("results.png", lambda labels: _results_figure(history))
 
 
 def _results_figure(history):
@@ -176,15 +184,16 @@ def _results_figure(history):
 # ------------------------------------------------------------------------------------- confusion matrix
 
 
-def draw_confusion_matrix(output_dir, confusion, class_names, prefix=""):
+def draw_confusion_matrix(confusion, class_names, prefix=""):
     """{prefix}confusion_matrix.png: counts and row-normalised shares side by side (rows: true class).
 
     Up to 30 classes every cell shows its number and every class its name; beyond that the cells are colour
     only and the names are thinned to about 40 per axis.
     """
     what = prefix.rstrip("_") or "validation"
-    path = Path(output_dir) / f"{prefix}confusion_matrix.png"
-    return _save_picture(path, lambda labels: _confusion_figure(confusion, labels, what), class_names)
+    return _render(
+        f"{prefix}confusion_matrix.png", lambda labels: _confusion_figure(confusion, labels, what), class_names
+    )
 
 
 def _confusion_figure(confusion, labels, what):
@@ -236,12 +245,11 @@ def _confusion_figure(confusion, labels, what):
 ROC_MAX_CLASSES = 20  # curves drawn; beyond that a legend of 20 lines is unreadable and the rest are listed
 
 
-def draw_roc(output_dir, curves, aucs, class_names, prefix=""):
+def draw_roc(curves, aucs, class_names, prefix=""):
     """{prefix}roc.png: each class's one-vs-rest ROC curve with its AUC in the legend (metrics.roc_curves);
     a class without positive or negative images has no curve and is named below the plot."""
     what = prefix.rstrip("_") or "validation"
-    path = Path(output_dir) / f"{prefix}roc.png"
-    return _save_picture(path, lambda labels: _roc_figure(curves, aucs, labels, what), class_names)
+    return _render(f"{prefix}roc.png", lambda labels: _roc_figure(curves, aucs, labels, what), class_names)
 
 
 def _roc_figure(curves, aucs, labels, what):
@@ -270,12 +278,11 @@ def _roc_figure(curves, aucs, labels, what):
     return figure
 
 
-def draw_pr_curves(output_dir, curves, aps, class_names, prefix=""):
+def draw_pr_curves(curves, aps, class_names, prefix=""):
     """{prefix}pr_curves.png (multi-label): each class's precision-recall curve with its average precision in
     the legend (metrics.pr_curves); a class without positive images has none and is named below the plot."""
     what = prefix.rstrip("_") or "validation"
-    path = Path(output_dir) / f"{prefix}pr_curves.png"
-    return _save_picture(path, lambda labels: _pr_figure(curves, aps, labels, what), class_names)
+    return _render(f"{prefix}pr_curves.png", lambda labels: _pr_figure(curves, aps, labels, what), class_names)
 
 
 def _pr_figure(curves, aps, labels, what):
@@ -303,12 +310,11 @@ def _pr_figure(curves, aps, labels, what):
     return figure
 
 
-def draw_calibration(output_dir, bins, ece, prefix=""):
+def draw_calibration(bins, ece, prefix=""):
     """{prefix}calibration.png: the reliability diagram, accuracy against mean confidence per confidence bin
     (metrics.calibration_bins), with each bin's image count, and the expected calibration error."""
     what = prefix.rstrip("_") or "validation"
-    path = Path(output_dir) / f"{prefix}calibration.png"
-    return _save_picture(path, lambda labels: _calibration_figure(bins, ece, what))
+    return _render(f"{prefix}calibration.png", lambda labels: _calibration_figure(bins, ece, what))
 
 
 def _calibration_figure(bins, ece, what):
@@ -335,7 +341,7 @@ def _calibration_figure(bins, ece, what):
     return figure
 
 
-def draw_lr_find(output_dir, lrs, losses, smoothed, suggestion):
+def draw_lr_find(lrs, losses, smoothed, suggestion):
     """lr_find.png: the loss against the lr (log scale), raw faint and smoothed, the suggested lr marked."""
 
     def draw(labels):
@@ -363,7 +369,7 @@ def draw_lr_find(output_dir, lrs, losses, smoothed, suggestion):
         figure.tight_layout()
         return figure
 
-    return _save_picture(Path(output_dir) / "lr_find.png", draw)
+    return _render("lr_find.png", draw)
 
 
 # ------------------------------------------------------------------------------------------ image grids
@@ -388,7 +394,7 @@ def worth_seeing(predictions, data, count=32):
     return (images, *(x[chosen] for x in (predictions.labels, predictions.predicted, predictions.confidence)))
 
 
-def draw_predictions(output_dir, images, true, predicted, confidence, class_names, max_images=32, name=None):
+def draw_predictions(images, true, predicted, confidence, class_names, max_images=32, name=None):
     """val_predictions.jpg (or `name`): images as the model saw them (uint8 N×3×H×W, before normalisation) with
     their true label, predicted label and confidence, in `prediction_order`; a green frame and ✓ when right,
     red and ✗ when wrong. Pass all the images, or only those `prediction_order` puts first."""
@@ -403,7 +409,7 @@ def draw_predictions(output_dir, images, true, predicted, confidence, class_name
             colours.append(colour)
         return _grid_figure([images[i] for i in order], captions, colours)
 
-    return _save_picture(Path(output_dir) / (name or "val_predictions.jpg"), draw, class_names)
+    return _render(name or "val_predictions.jpg", draw, class_names)
 
 
 def label_sets_worth_seeing(predictions, thresholds, data, count=32):
@@ -421,7 +427,7 @@ def label_sets_worth_seeing(predictions, thresholds, data, count=32):
     return images, [t for t, _ in as_sets], [p for _, p in as_sets], [int(wrong[i]) for i in chosen]
 
 
-def draw_label_sets(output_dir, images, true, predicted, mistakes, class_names, name="val_predictions.jpg"):
+def draw_label_sets(images, true, predicted, mistakes, class_names, name="val_predictions.jpg"):
     """val_predictions.jpg for a multi-label model: each image with its true and predicted label sets; a red
     frame and ✗ when the sets differ in any label, green and ✓ when they are the same."""
 
@@ -436,10 +442,10 @@ def draw_label_sets(output_dir, images, true, predicted, mistakes, class_names, 
             colours.append(colour)
         return _grid_figure(images, captions, colours)
 
-    return _save_picture(Path(output_dir) / name, draw, class_names)
+    return _render(name, draw, class_names)
 
 
-def draw_batch(output_dir, images, labels, class_names, max_images=32):
+def draw_batch(images, labels, class_names, max_images=32):
     """train_batch.jpg: the first images of a training batch after augmentation (uint8 N×3×H×W), with labels
     (class indices, or multi-hot rows)."""
 
@@ -452,7 +458,7 @@ def draw_batch(output_dir, images, labels, class_names, max_images=32):
             captions = [_shorten(names[int(labels[i])], 22) for i in range(count)]
         return _grid_figure([images[i] for i in range(count)], captions, [None] * count)
 
-    return _save_picture(Path(output_dir) / "train_batch.jpg", draw, class_names)
+    return _render("train_batch.jpg", draw, class_names)
 
 
 def _grid_figure(images, captions, colours):

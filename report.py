@@ -9,11 +9,12 @@ images. The test split, or external data through --evaluate, gives the honest fi
 
 import csv
 import statistics
+import sys
 from pathlib import Path
 
 import metrics
 import plots
-from files import write_csv_atomically
+from files import WriteError, write_atomically, write_csv_atomically
 from labels import LABEL_SEP
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
@@ -43,13 +44,13 @@ def write_report(output_dir, predictions, data, title, prefix="", thresholds=Non
     write_csv_atomically(output_dir / f"{prefix}confusion_matrix.csv", header, matrix_rows)
     write_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data)
 
-    plots.draw_confusion_matrix(output_dir, confusion, class_names, prefix)
+    save_picture(output_dir, plots.draw_confusion_matrix(confusion, class_names, prefix))
     aucs = [row["auc"] for row in rows[: len(class_names)]]
-    plots.draw_roc(output_dir, metrics.roc_curves(predictions), aucs, class_names, prefix)
+    save_picture(output_dir, plots.draw_roc(metrics.roc_curves(predictions), aucs, class_names, prefix))
     ece = next(row["value"] for row in rows if row["label"] == "ece")
-    plots.draw_calibration(output_dir, metrics.calibration_bins(predictions), ece, prefix)
+    save_picture(output_dir, plots.draw_calibration(metrics.calibration_bins(predictions), ece, prefix))
     if not prefix:
-        plots.draw_predictions(output_dir, *plots.worth_seeing(predictions, data), class_names)
+        save_picture(output_dir, plots.draw_predictions(*plots.worth_seeing(predictions, data), class_names))
 
 
 def write_predictions(path, predictions, data):
@@ -76,11 +77,12 @@ def write_label_report(output_dir, predictions, data, title, prefix, thresholds)
     write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.LABEL_REPORT_COLUMNS, rows)
     write_label_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data, thresholds)
     per_class = rows[: len(class_names)]
-    plots.draw_pr_curves(output_dir, metrics.pr_curves(predictions), [row["ap"] for row in per_class], class_names,
-                         prefix)  # fmt: skip
-    plots.draw_roc(output_dir, metrics.roc_curves(predictions), [row["auc"] for row in per_class], class_names, prefix)
+    aps, aucs = [row["ap"] for row in per_class], [row["auc"] for row in per_class]
+    save_picture(output_dir, plots.draw_pr_curves(metrics.pr_curves(predictions), aps, class_names, prefix))
+    save_picture(output_dir, plots.draw_roc(metrics.roc_curves(predictions), aucs, class_names, prefix))
     if not prefix:
-        plots.draw_label_sets(output_dir, *plots.label_sets_worth_seeing(predictions, thresholds, data), class_names)
+        seen = plots.label_sets_worth_seeing(predictions, thresholds, data)
+        save_picture(output_dir, plots.draw_label_sets(*seen, class_names))
 
 
 def write_label_predictions(path, predictions, data, thresholds):
@@ -139,3 +141,16 @@ def write_cv_summary(output_dir, folds):
     write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
     print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
     print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
+
+
+def save_picture(output_dir, picture):
+    """Write a rendered plots.Picture into the run folder under its own name, atomically; a picture that could
+    not be drawn (None, already warned about) writes nothing. Returns whether a file was written."""
+    if picture is None:
+        return False
+    try:
+        write_atomically(Path(output_dir) / picture.name, lambda f: f.write(picture.data))
+    except WriteError as e:  # a full disk: the run goes on, its checkpoints then stop it if they cannot be saved
+        print(f"warning: could not draw {picture.name} ({e})", file=sys.stderr)
+        return False
+    return True

@@ -440,7 +440,7 @@ def find_lr(model, loss_fn, train_loader, ctx, args, output_dir):
     if suggestion is None:  # not even the first, smallest step gave a finite loss
         raise UsageError("--lr-find: the loss was not finite from the first step on; check the images and --amp")
     run_files.make_output_dir(output_dir)
-    plots.draw_lr_find(output_dir, lrs, losses, smoothed, suggestion)
+    report.save_picture(output_dir, plots.draw_lr_find(lrs, losses, smoothed, suggestion))
     print(f"LR range test, {len(lrs)} steps from {lrs[0]:.0e} to {lrs[-1]:.0e}: {output_dir / 'lr_find.png'}")
     print(f"suggested: --lr {suggestion:.1e} (marked in lr_find.png)")
     return 0
@@ -625,7 +625,7 @@ def prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train
         return
     images, targets, _ = next(iter(train_loader))
     if images is not None:
-        plots.draw_batch(output_dir, images, targets, train_loader.dataset.class_names)
+        report.save_picture(output_dir, plots.draw_batch(images, targets, train_loader.dataset.class_names))
 
 
 def stopped(stop, bad_image, saver, ctx, args, output_dir, world_size):
@@ -665,7 +665,8 @@ def report_best(model, saver, val_loader, test_loader, ctx, bad_images, output_d
                         thresholds=thresholds)  # fmt: skip
     print("(validation figures are optimistic: the best epoch was chosen on these images; the test set is honest)")
     if not val_data.multi_label:
-        cam.draw_val_cam(output_dir, model, args.model, lambda x: to_device(x, exact), val_predictions, val_data)
+        picture = cam.draw_val_cam(model, args.model, lambda x: to_device(x, exact), val_predictions, val_data)
+        report.save_picture(output_dir, picture)
     if test_predictions is not None:
         title = f"test report of {saver.best_path}"
         report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", thresholds)
@@ -747,7 +748,7 @@ def main(args, argv=None):
                 best_predictions = predictions if improved else best_predictions  # best.pt's, for the report
                 if ctx.is_main:
                     report.write_metrics(output_dir, history)
-                    plots.draw_results(output_dir, history)
+                    report.save_picture(output_dir, plots.draw_results(history))
                     if epoch == first_epoch:  # from the first epoch's line on, the folder holds a checkpoint;
                         saver.wait()  # later ones are written while the next epoch trains
                     print_epoch(history[-1], args.epochs, improved, bad_images.count)

@@ -91,5 +91,5 @@ def no_pictures(request, monkeypatch):
     """Drawing costs about a second per run, more than a tiny test epoch: only tests marked `pictures` draw."""
     if "pictures" not in request.keywords:
         for name in plots.DRAWINGS:
-            monkeypatch.setattr(plots, name, lambda *args, **kwargs: True)
-        monkeypatch.setattr(cam, "draw_val_cam", lambda *args, **kwargs: True)
+            monkeypatch.setattr(plots, name, lambda *args, **kwargs: None)
+        monkeypatch.setattr(cam, "draw_val_cam", lambda *args, **kwargs: None)

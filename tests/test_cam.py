@@ -107,6 +107,6 @@ def test_a_run_draws_val_cam_jpg_beside_val_predictions_jpg(train_tiny):
 @pytest.mark.pictures
 def test_a_map_that_cannot_be_drawn_is_one_warning_not_a_failure(tmp_path, capsys):
     model = torchvision.models.resnet18(num_classes=2)
-    assert cam.draw_val_cam(tmp_path, model, "resnet18", None, None, None) is False  # no predictions to map
+    assert cam.draw_val_cam(model, "resnet18", None, None, None) is None  # no predictions to map
     assert capsys.readouterr().err.startswith("warning: could not draw val_cam.jpg (")
     assert not (tmp_path / "val_cam.jpg").exists()

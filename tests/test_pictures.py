@@ -71,12 +71,12 @@ def some_images(count, size=32, seed=0):
 
 
 def test_results_png_after_several_epochs(tmp_path):
-    assert plots.draw_results(tmp_path, history(5)) is True
+    assert report.save_picture(tmp_path, plots.draw_results(history(5))) is True
     open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
 
 
 def test_results_png_after_one_epoch(tmp_path):
-    assert plots.draw_results(tmp_path, history(1)) is True
+    assert report.save_picture(tmp_path, plots.draw_results(history(1))) is True
     open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
 
 
@@ -85,25 +85,25 @@ def test_results_png_from_metrics_csv_text(tmp_path):
     report.write_metrics(tmp_path, history(3))
     rows = read_rows(tmp_path / "metrics.csv")
     rows[0]["val_macro_f1"] = ""
-    assert plots.draw_results(tmp_path, rows) is True
+    assert report.save_picture(tmp_path, plots.draw_results(rows)) is True
     open_image(tmp_path / "results.png", "PNG", (600, 400), (1600, 1200))
 
 
 def test_results_png_is_redrawn(tmp_path):
-    plots.draw_results(tmp_path, history(2))
+    report.save_picture(tmp_path, plots.draw_results(history(2)))
     first = (tmp_path / "results.png").read_bytes()
-    plots.draw_results(tmp_path, history(4))
+    report.save_picture(tmp_path, plots.draw_results(history(4)))
     assert (tmp_path / "results.png").read_bytes() != first
 
 
 def test_confusion_matrix_for_3_classes(tmp_path):
     confusion = torch.tensor([[7, 1, 0], [0, 8, 0], [2, 0, 6]])
-    assert plots.draw_confusion_matrix(tmp_path, confusion, NAMES) is True
+    assert report.save_picture(tmp_path, plots.draw_confusion_matrix(confusion, NAMES)) is True
     open_image(tmp_path / "confusion_matrix.png", "PNG", (600, 300), (1600, 1000))
 
 
 def test_confusion_matrix_of_the_test_set_has_its_prefix(tmp_path):
-    plots.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), NAMES, prefix="test_")
+    report.save_picture(tmp_path, plots.draw_confusion_matrix(torch.eye(3, dtype=torch.long), NAMES, prefix="test_"))
     assert (tmp_path / "test_confusion_matrix.png").is_file()
     assert not (tmp_path / "confusion_matrix.png").exists()
 
@@ -118,7 +118,7 @@ def test_confusion_matrix_3_classes_has_cell_text_and_every_name():
 def test_confusion_matrix_for_300_classes(tmp_path):
     confusion = torch.randint(0, 3, (300, 300), generator=torch.Generator().manual_seed(0)) + 20 * torch.eye(300).long()
     names = [f"species_{i}" for i in range(300)]
-    assert plots.draw_confusion_matrix(tmp_path, confusion, names) is True
+    assert report.save_picture(tmp_path, plots.draw_confusion_matrix(confusion, names)) is True
     open_image(tmp_path / "confusion_matrix.png", "PNG", (1000, 600), (3200, 1800))
 
 
@@ -136,7 +136,7 @@ def test_roc_png_draws_each_class_with_its_auc_in_the_legend(tmp_path):
     logits = torch.randn(30, 3, generator=generator) + 2 * torch.nn.functional.one_hot(labels, 3)
     predictions = metrics.Predictions(torch.arange(30), labels, logits.log_softmax(1))
     curves, aucs = metrics.roc_curves(predictions), metrics.class_scores(predictions)["auc"]
-    assert plots.draw_roc(tmp_path, curves, aucs, NAMES) is True
+    assert report.save_picture(tmp_path, plots.draw_roc(curves, aucs, NAMES)) is True
     open_image(tmp_path / "roc.png", "PNG", (500, 450), (900, 800))
     legend = [t.get_text() for t in plots._roc_figure(curves, aucs, NAMES, "validation").axes[0].get_legend().texts]
     assert legend[1:] == [f"{name} (AUC {auc:.3f})" for name, auc in zip(NAMES, aucs)]
@@ -155,7 +155,7 @@ def test_calibration_png_shows_the_bins_and_the_ece(tmp_path):
     labels = torch.tensor([0, 1] * 20)
     predictions = metrics.Predictions(torch.arange(40), labels, torch.randn(40, 2).log_softmax(1))
     bins = metrics.calibration_bins(predictions)
-    assert plots.draw_calibration(tmp_path, bins, 0.123, prefix="test_") is True
+    assert report.save_picture(tmp_path, plots.draw_calibration(bins, 0.123, prefix="test_")) is True
     open_image(tmp_path / "test_calibration.png", "PNG", (500, 500), (900, 900))
     figure = plots._calibration_figure(bins, 0.123, "test")
     assert "ECE 0.123" in figure.axes[0].get_title()
@@ -166,7 +166,10 @@ def test_val_predictions_jpg(tmp_path):
     true = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
     predicted = torch.tensor([0, 2, 2, 1, 1, 2, 0, 0, 2, 0])
     confidence = torch.linspace(0.4, 0.99, 10)
-    assert plots.draw_predictions(tmp_path, some_images(10), true, predicted, confidence, NAMES) is True
+    assert (
+        report.save_picture(tmp_path, plots.draw_predictions(some_images(10), true, predicted, confidence, NAMES))
+        is True
+    )
     # 10 images: a row of 8 and a row of 2, ~140 px per cell
     open_image(tmp_path / "val_predictions.jpg", "JPEG", (8 * 120, 2 * 140), (8 * 160, 2 * 200))
 
@@ -174,7 +177,9 @@ def test_val_predictions_jpg(tmp_path):
 def test_val_predictions_shows_at_most_max_images(tmp_path):
     count = 40
     labels = torch.zeros(count, dtype=torch.long)
-    plots.draw_predictions(tmp_path, some_images(count), labels, labels, torch.rand(count), NAMES, max_images=16)
+    report.save_picture(
+        tmp_path, plots.draw_predictions(some_images(count), labels, labels, torch.rand(count), NAMES, max_images=16)
+    )
     assert Image.open(tmp_path / "val_predictions.jpg").height < 3 * 200  # 2 rows of 8, not 5
 
 
@@ -188,7 +193,7 @@ def test_prediction_order_mistakes_first_most_confident_first():
 
 def test_train_batch_jpg(tmp_path):
     labels = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0, 1, 2, 0])
-    assert plots.draw_batch(tmp_path, some_images(16, size=48), labels, NAMES) is True
+    assert report.save_picture(tmp_path, plots.draw_batch(some_images(16, size=48), labels, NAMES)) is True
     open_image(tmp_path / "train_batch.jpg", "JPEG", (8 * 120, 2 * 130), (8 * 160, 2 * 200))
 
 
@@ -229,7 +234,7 @@ def installed_font_has(text):
 def test_chinese_class_names_are_drawn_or_fall_back_to_numbers_with_a_warning(tmp_path, capsys):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        plots.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), CHINESE)
+        report.save_picture(tmp_path, plots.draw_confusion_matrix(torch.eye(3, dtype=torch.long), CHINESE))
     assert not [w for w in caught if "missing from font" in str(w.message)], "Chinese names drawn as empty boxes"
     assert (tmp_path / "confusion_matrix.png").is_file()
     err = capsys.readouterr().err
@@ -246,9 +251,9 @@ def test_class_names_no_font_has_become_numbers(monkeypatch):
 
 def test_font_warning_is_printed_once(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(plots, "_fonts_for", lambda text: None)
-    plots.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), CHINESE)
-    plots.draw_results(tmp_path, history(2))
-    plots.draw_batch(tmp_path, some_images(3), torch.tensor([0, 1, 2]), CHINESE)
+    report.save_picture(tmp_path, plots.draw_confusion_matrix(torch.eye(3, dtype=torch.long), CHINESE))
+    report.save_picture(tmp_path, plots.draw_results(history(2)))
+    report.save_picture(tmp_path, plots.draw_batch(some_images(3), torch.tensor([0, 1, 2]), CHINESE))
     assert capsys.readouterr().err.count("pictures show class numbers") == 1
 
 
@@ -263,7 +268,7 @@ def test_a_broken_plotting_call_is_one_warning_line(tmp_path, capsys, monkeypatc
         raise RuntimeError("no room on the canvas\nsecond line")
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
-    assert plots.draw_results(tmp_path, history(2)) is False
+    assert report.save_picture(tmp_path, plots.draw_results(history(2))) is False
     assert capsys.readouterr().err == "warning: could not draw results.png (RuntimeError: no room on the canvas)\n"
     assert list(tmp_path.iterdir()) == []  # no picture, no temporary file
 
@@ -273,7 +278,7 @@ def test_a_failing_picture_warns_once_not_every_epoch(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda *a, **k: 1 / 0)
     for epochs in range(1, 4):
-        plots.draw_results(tmp_path, history(epochs))
+        report.save_picture(tmp_path, plots.draw_results(history(epochs)))
     assert capsys.readouterr().err.count("could not draw results.png") == 1
 
 
@@ -281,7 +286,7 @@ def test_without_matplotlib_drawing_is_a_warning(tmp_path, capsys, monkeypatch):
     for module in [name for name in sys.modules if name == "matplotlib" or name.startswith("matplotlib.")]:
         monkeypatch.setitem(sys.modules, module, None)  # `import matplotlib...` now raises ImportError
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    assert plots.draw_confusion_matrix(tmp_path, torch.eye(3, dtype=torch.long), NAMES) is False
+    assert report.save_picture(tmp_path, plots.draw_confusion_matrix(torch.eye(3, dtype=torch.long), NAMES)) is False
     assert capsys.readouterr().err.startswith("warning: could not draw confusion_matrix.png (ModuleNotFoundError")
 
 
@@ -302,7 +307,7 @@ def test_train_writes_results_png_and_redraws_it_on_resume(train_tiny, monkeypat
     first = open_image(run / "results.png", "PNG", (600, 400), (1600, 1200)).tobytes()
     drawn = []
     draw_results = plots.draw_results
-    monkeypatch.setattr(plots, "draw_results", lambda d, h: drawn.append(len(h)) or draw_results(d, h))
+    monkeypatch.setattr(plots, "draw_results", lambda h: drawn.append(len(h)) or draw_results(h))
     status, _ = train_tiny("--epochs", "2", "--resume")
     assert status == 0
     assert drawn == [2]  # the whole history, the epoch before the resume included

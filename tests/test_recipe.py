@@ -14,6 +14,7 @@ from torchvision.transforms import v2
 import plots
 import presets
 import recipe
+import report
 
 
 def photo(seed=0, size=48):
@@ -360,7 +361,7 @@ def test_range_test_on_a_real_model_suggests_an_lr_where_its_loss_falls():
 def test_lr_find_png_is_written(tmp_path):
     lrs = list(np.geomspace(1e-6, 1, 40))
     losses = [2.0 - 0.03 * i + 0.1 * math.sin(i) for i in range(40)]
-    assert plots.draw_lr_find(tmp_path, lrs, losses, losses, 3e-4) is True
+    assert report.save_picture(tmp_path, plots.draw_lr_find(lrs, losses, losses, 3e-4)) is True
     with Image.open(tmp_path / "lr_find.png") as picture:
         assert picture.format == "PNG" and picture.width > 300 and picture.height > 200
 

@@ -10,6 +10,6 @@ import plots  # noqa: E402
 import train  # noqa: E402
 
 for name in plots.DRAWINGS:
-    setattr(plots, name, lambda *args, **kwargs: True)
-cam.draw_val_cam = lambda *args, **kwargs: True
+    setattr(plots, name, lambda *args, **kwargs: None)
+cam.draw_val_cam = lambda *args, **kwargs: None
 sys.exit(train.run_cli())
