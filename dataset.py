@@ -37,10 +37,19 @@ class MyDataset(Dataset):
     decide what to do with it (stop, or skip it) wherever the loading ran, DataLoader workers included.
     With `short_side`, every image is decoded reduced to that shorter side before the transform, cached or not
     (see `reduce_on_load`): 2 * the crop size for RandomResizedCrop, the Resize size for validation.
+    `window` (--window) is passed to load_image.
     """
 
     def __init__(
-        self, samples, root, class_names, transform=None, short_side=None, multi_label=False, row_numbers_from=None
+        self,
+        samples,
+        root,
+        class_names,
+        transform=None,
+        short_side=None,
+        multi_label=False,
+        row_numbers_from=None,
+        window=None,
     ):
         self.root = Path(root) if root is not None else None  # None: image paths are used as they are
         self.images = list(samples["image"])
@@ -57,6 +66,7 @@ class MyDataset(Dataset):
             self.targets = [index_of[label] for label in samples["label"]]
         self.transform = transform
         self.short_side = short_side
+        self.window = window  # --window: the DICOM (and 16-bit grey) window, see images.load_image
         self.cache = None
 
     def __len__(self):
@@ -118,7 +128,7 @@ class MyDataset(Dataset):
         return resolve_image_path(self.root, image) if self.root is not None else Path(image)
 
     def _load(self, index):
-        return load_image(self._path(index), self.short_side)
+        return load_image(self._path(index), self.short_side, self.window)
 
     def _cached(self, index):
         pixels, offsets, shapes = self.cache

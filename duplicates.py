@@ -37,13 +37,14 @@ class Duplicates(NamedTuple):
     within_parts: int
 
 
-def fingerprint(path):
-    """(exact key, 64-bit pHash, normalised thumbnail) of one image, or None when it cannot be decoded."""
+def fingerprint(path, window=None):
+    """(exact key, 64-bit pHash, normalised thumbnail) of one image as the run sees it (its --window), or None
+    when it cannot be decoded."""
     import imagehash
     from PIL import Image
 
     try:
-        image = load_image(path, DECODE_SIDE)
+        image = load_image(path, DECODE_SIDE, window)
     except Exception:
         return None  # the image check has already decided about unreadable files
     exact = (image.size, image.tobytes())
@@ -53,7 +54,7 @@ def fingerprint(path):
     return hash(exact), phash, thumb / (np.linalg.norm(thumb) + 1e-9)
 
 
-def find_duplicates(parts):
+def find_duplicates(parts, window=None):
     """Duplicates among `parts` ({name: ImageSet or None}, in the order train, val, test)."""
     names, images, labels, paths = [], [], [], []
     for name, part in parts.items():
@@ -62,7 +63,7 @@ def find_duplicates(parts):
         for image, label in zip(part.samples["image"], part.samples["label"]):
             names.append(name), images.append(image), labels.append(label)
             paths.append(resolve_image_path(part.root, image))
-    prints = list(devices.map_in_threads(fingerprint, paths, devices.decode_threads()))
+    prints = list(devices.map_in_threads(lambda path: fingerprint(path, window), paths, devices.decode_threads()))
     kept = [i for i, p in enumerate(prints) if p is not None]
     exact = np.array([prints[i][0] for i in kept], dtype=np.int64)
     phash = np.array([prints[i][1] for i in kept], dtype=np.uint64)
@@ -97,11 +98,11 @@ def close_pairs(phash, exact, chunk=512):
             yield start + int(a), int(b), int(distance[a, b])
 
 
-def checked(train_set, val_set, test_set, skip=False, dedupe=False):
+def checked(train_set, val_set, test_set, skip=False, dedupe=False, window=None):
     """(val_set, test_set, Duplicates or None when `skip`): with `dedupe`, val and test without their copies."""
     if skip:
         return val_set, test_set, None
-    found = find_duplicates({"train": train_set, "val": val_set, "test": test_set})
+    found = find_duplicates({"train": train_set, "val": val_set, "test": test_set}, window)
     return (*without_copies(found, val_set, test_set), found) if dedupe else (val_set, test_set, found)
 
 

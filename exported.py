@@ -23,6 +23,7 @@ def metadata_of(checkpoint):
         "std": [float(x) for x in checkpoint["std"]],
         "multi_label": bool(checkpoint.get("multi_label", False)),  # sigmoid per class instead of softmax
         "thresholds": checkpoint.get("thresholds"),  # multi-label: predicted when probability >= threshold
+        "window": checkpoint.get("args", {}).get("window"),  # --window: DICOM / 16-bit grey values windowed first
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,
         "preprocessing": "RGB; resize the shorter side to resize_size (bilinear, antialiased); centre-crop "

@@ -178,12 +178,13 @@ def dicom_size(path):
     """(width, height) of a DICOM image from its header, refusing what pydicom could not decode later: no
     image in it, pixel data shorter than its size needs (a truncated file), a compressed transfer syntax whose
     decoder plug-in is not installed."""
+    from pydicom.dataset import Dataset
     from pydicom.pixels import get_decoder
 
     ds = dicom_header(path)
     if "Rows" not in ds or "Columns" not in ds:
         raise ValueError("a DICOM file without Rows/Columns: no image in it, or truncated")
-    syntax = ds.file_meta.get("TransferSyntaxUID") if "file_meta" in ds else None
+    syntax = getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID")
     if syntax is not None and syntax.is_compressed:
         try:
             available = get_decoder(syntax).is_available
@@ -237,7 +238,7 @@ def dicom_image(path, window=None):
             function = "LINEAR"
         values, low, high = windowed(values, window, function).astype(np.float64), 0.0, 255.0
     else:
-        low, high = float(values.min(initial=0)), float(values.max(initial=0))
+        low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         values = high + low - values
     scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)

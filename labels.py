@@ -17,7 +17,7 @@ import pandas as pd
 from torchvision.datasets.folder import make_dataset
 
 from errors import DataError
-from images import IMAGE_EXTENSIONS, is_image_file, looks_like_images
+from images import IMAGE_EXTENSIONS, dicom_values, is_image_file, looks_like_images, resolve_image_path
 
 # Labels that are really a missing value left behind by a spreadsheet or by pandas.
 MISSING_LABELS = {"", "nan", "na", "n/a", "null"}
@@ -428,7 +428,11 @@ def read_image_sets(
     """The labelled images that --data or the CSV flags name: (all, val, test) ImageSets, where val and test
     are None when not given (the caller splits `all`). val and test paths are relative to `root` by default.
     With `group_col` (CSV) or `group_pattern` (on file names), the samples have a group column. The first
-    CSV decides whether the labels are multi-label (see LabelFormat); the others are read the same way."""
+    CSV decides whether the labels are multi-label (see LabelFormat); the others are read the same way.
+    A `group_col` of "dicom:KEYWORD" reads each image's group from its DICOM header instead (see dicom_groups)."""
+    dicom_keyword = group_col.removeprefix(DICOM_GROUP) if group_col and group_col.startswith(DICOM_GROUP) else None
+    if dicom_keyword is not None:
+        group_col = None
     if data:
         image_sets = [ImageSet(s, Path(data), str(data)) if s is not None else None for s in image_folders(data)]
     else:
@@ -446,7 +450,39 @@ def read_image_sets(
         image_sets = [
             s and s._replace(samples=groups_from_pattern(s.samples, group_pattern, s.source)) for s in image_sets
         ]
+    if dicom_keyword is not None:
+        image_sets = [s and s._replace(samples=dicom_groups(s, dicom_keyword)) for s in image_sets]
     return tuple(image_sets)
+
+
+# --group-col dicom:PatientID: the group is that element of each image's DICOM header.
+DICOM_GROUP = "dicom:"
+
+
+def dicom_groups(image_set, keyword):
+    """The samples of `image_set` with a group column: each image's DICOM header element `keyword` (any
+    keyword, e.g. PatientID), its headers read in threads. An image whose header cannot be read is its own
+    group (the image check then reports or skips it); a readable header without the keyword is an error."""
+    if not keyword:
+        raise DataError("--group-col dicom: needs a DICOM keyword after the colon, e.g. dicom:PatientID")
+    paths = []
+    for image in image_set.samples["image"]:
+        try:
+            paths.append(resolve_image_path(image_set.root, image))
+        except ValueError:
+            paths.append(Path(image_set.root) / image)  # refused by the image check
+    try:
+        groups = dicom_values(paths, keyword)
+    except KeyError as e:
+        raise DataError(
+            f"{image_set.source}: {e.args[0]} has no DICOM {keyword!r} (--group-col {DICOM_GROUP}{keyword}); "
+            "fill it in or group by another keyword"
+        ) from None
+    groups = [
+        group if group is not None else f"unreadable:{image}"
+        for group, image in zip(groups, image_set.samples["image"])
+    ]
+    return image_set.samples.assign(group=groups)
 
 
 def _read_image_set(path, folder, image_col, label_col, group_col, group_optional, label_format, sep):

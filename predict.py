@@ -228,8 +228,12 @@ def main(args):
     resize_size = checkpoint["resize_size"]
     transform = presets.eval_transform(checkpoint["image_size"], resize_size)
     datasets, start = [], 0
+    # the training run's --window, as in its validation (an exported model carries it in its metadata)
+    window = checkpoint["args"].get("window") if "args" in checkpoint else checkpoint.get("window")
     for samples, root in groups:
-        data = MyDataset(samples, root, class_names, transform, short_side=resize_size, row_numbers_from=start)
+        data = MyDataset(
+            samples, root, class_names, transform, short_side=resize_size, row_numbers_from=start, window=window
+        )
         datasets.append(data)
         start += len(data)
     items = pd.concat([samples for samples, _ in groups], ignore_index=True)

@@ -49,6 +49,7 @@ from dataset import BadImageLog, MyDataset, loader_options
 from devices import choose_device, loader_workers, make_context, to_device
 from errors import BadImageError, DataError, UsageError
 from files import WriteError
+from images import parse_window
 from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, is_multi_label, label_matrix
 from models import build_model, check_input_size, model_from_checkpoint
 from processes import StopRequest, launch_processes, processes_to_launch
@@ -77,6 +78,7 @@ def get_args_parser():
     data("--test-csv", help="test CSV: best.pt is evaluated on it once, after training")
     data("--test-root", help="folder the --test-csv paths are relative to (default: --root)")
     data("--group-col", help="CSV column of patient/subject ids: a group's images are never in two parts")
+    data("--window", help="DICOM/16-bit grey window: CENTER,WIDTH or lung, mediastinum, bone, brain, abdomen")
     data("--group-pattern", help="the same from file names: a regex whose first group is the id, e.g. '^(P\\d+)_'")
     data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
     data("--folds", type=FOLDS, help="K-fold cross-validation: K runs in OUTPUT/fold1..K, each image validated once")
@@ -173,8 +175,12 @@ def check_args(args):
         raise UsageError("--label-sep splits one label column, --label-cols reads 0/1 columns; give one of them")
     if args.uncertain and not args.label_cols:
         raise UsageError("--uncertain says what -1 means in --label-cols columns; add --label-cols")
-    if args.data and args.group_col:
-        raise UsageError("--group-col names a CSV column; for --data folders use --group-pattern on the file names")
+    if args.data and args.group_col and not args.group_col.startswith("dicom:"):
+        raise UsageError("--group-col names a CSV column (or dicom:KEYWORD); for --data use dicom: or --group-pattern")
+    try:
+        parse_window(args.window)
+    except ValueError as e:
+        raise UsageError(f"--window {e}") from None
     if args.data is None and args.csv is None and args.root is not None:
         if not Path(args.root).is_dir() or not any(p.is_dir() for p in Path(args.root).iterdir()):
             raise UsageError(f"--root {args.root} without --csv: give --csv, or --data for a folder of class folders")
@@ -198,7 +204,9 @@ def load_samples(args):
         **sources, val_split=args.val_split, seed=args.seed, method=args.split, skip_bad=args.skip_bad_images,
         folds=args.folds, fold=args.fold, label_format=label_format_of(args),
     )  # fmt: skip
-    val_set, test_set, copies = duplicates.checked(train_set, val_set, test_set, args.no_duplicate_check, args.dedupe)
+    val_set, test_set, copies = duplicates.checked(
+        train_set, val_set, test_set, args.no_duplicate_check, args.dedupe, args.window
+    )
     return train_set, val_set, test_set, class_names, split_method, copies
 
 
@@ -215,10 +223,12 @@ def build_datasets(args, train_set, val_set, test_set, class_names, resize_size)
     train_side = presets.train_decode_size(args.image_size)
     multi = train_set.multi_label
     train_data = MyDataset(train_set.samples, train_set.root, class_names, train_transform, train_side,
-                           multi)  # fmt: skip
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, eval_transform, resize_size, multi)
+                           multi, window=args.window)  # fmt: skip
+    val_data = MyDataset(
+        val_set.samples, val_set.root, class_names, eval_transform, resize_size, multi, window=args.window
+    )
     test_data = (
-        MyDataset(test_set.samples, test_set.root, class_names, eval_transform, resize_size, multi)
+        MyDataset(test_set.samples, test_set.root, class_names, eval_transform, resize_size, multi, window=args.window)
         if test_set
         else None
     )
@@ -557,7 +567,10 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
         raise UsageError(f"--evaluate {args.evaluate}: a {kind} model; {val_set.source} is not {kind} data")
     resize_size = checkpoint["resize_size"]
     transform = presets.eval_transform(checkpoint["image_size"], resize_size)
-    val_data = MyDataset(val_set.samples, val_set.root, class_names, transform, resize_size, val_set.multi_label)
+    window = args.window if args.window is not None else checkpoint["args"].get("window")  # the run's own
+    val_data = MyDataset(
+        val_set.samples, val_set.root, class_names, transform, resize_size, val_set.multi_label, window=window
+    )
     model = model_from_checkpoint(checkpoint, f"--evaluate {args.evaluate}", ctx)
     loader = evaluation_loader(val_data, args.batch_size, ctx, loader_workers(args.workers, device))
     predictions = evaluate(model, loader, ctx, BadImageLog(args.skip_bad_images))
