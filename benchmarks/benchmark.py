@@ -46,13 +46,15 @@ import torch
 import torch.nn as nn
 from PIL import Image, ImageChops
 
-import devices
-import models
-import presets
-import splits
-from labels import read_image_sets, read_labels, sorted_class_names
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the repository's library modules, as train.py sees them
+
+import devices  # noqa: E402
+import models  # noqa: E402
+import presets  # noqa: E402
+import splits  # noqa: E402
+from labels import read_image_sets, read_labels, sorted_class_names  # noqa: E402
+
 NUM_CLASSES = 5  # the tutorial's nn.Linear(in_channel, 5)
 
 

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (module, function, what it does in the run), in the order main meets them
 STAGES = [
-    ("dataset", "labelled_image_sets", "read the CSV, check every image, split"),
+    ("splits", "labelled_image_sets", "read the CSV, check every image, split"),
     ("duplicates", "checked", "duplicate check (hash every image)"),
     ("train", "build_datasets", "datasets and the RAM cache fill"),
     ("train", "build_model", "build resnet34"),
@@ -33,11 +33,11 @@ STAGES = [
     ("plots", "draw_batch", "train_batch.jpg (first picture: imports matplotlib)"),
     ("train", "train_one_epoch", "training epochs"),
     ("train", "evaluate", "validation passes"),
-    ("train", "save_on_main", "checkpoints: copy to the CPU, queue for the thread"),
-    ("run_files", "write_metrics", "metrics.csv"),
+    ("run_files", "save_checkpoint", "checkpoints: copy to the CPU, queue for the thread"),
+    ("report", "write_metrics", "metrics.csv"),
     ("plots", "draw_results", "results.png"),
     ("run_files", "wait_for_checkpoints", "wait for checkpoint writes"),
-    ("run_files", "write_report", "final report: CSVs, confusion matrix, ROC, calibration, grid"),
+    ("report", "write_report", "final report: CSVs, confusion matrix, ROC, calibration, grid"),
     ("cam", "draw_val_cam", "val_cam.jpg (Grad-CAM of 32 images: imports captum)"),
     ("run_files", "write_split", "split.csv"),
     ("run_files", "write_args", "args.json"),
