@@ -35,6 +35,8 @@ WINDOW_PRESETS = {
 }
 # What to install when a compressed DICOM has no decoder (pydicom's JPEG, JPEG-LS and JPEG 2000 plug-ins).
 DICOM_DECODERS = "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg"
+# 16- and 32-bit greyscale: to_rgb rescales them, --window windows them.
+WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 # Transparent pixels are composited onto this colour (white, like a page or a viewer's background).
 BACKGROUND_RGB = (255, 255, 255)
 
@@ -128,10 +130,6 @@ def load_image(path, short_side=None, window=None):
             return reduce_on_load(im, short_side)
         im = ImageOps.exif_transpose(im)  # also loads the first frame of an animation or multi-page file
         return to_rgb(im)
-
-
-# 16- and 32-bit greyscale: to_rgb rescales them, --window windows them.
-WIDE_GREY_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
 def parse_window(window):

@@ -21,8 +21,6 @@ from images import IMAGE_EXTENSIONS, dicom_values, is_image_file, looks_like_ima
 
 # Labels that are really a missing value left behind by a spreadsheet or by pandas.
 MISSING_LABELS = {"", "nan", "na", "n/a", "null"}
-
-
 # Column names that usually mean "these images come from one person or object": a --group-col hint.
 GROUP_LIKE_COLUMNS = {
     "patient", "patient_id", "patientid", "subject", "subject_id", "case", "case_id", "study", "study_id",
@@ -32,8 +30,6 @@ GROUP_LIKE_COLUMNS = {
 
 # Multi-label: the separator of the label sets train.py and its files write ("a;b"), and what a 0/1 column may hold.
 LABEL_SEP = ";"
-
-
 UNCERTAIN_POLICIES = ("zero", "one", "ignore")
 
 

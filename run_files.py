@@ -19,6 +19,7 @@ import torch
 
 from errors import UsageError, one_line
 from files import write_atomically, write_csv_atomically
+from presets import resize_size_for
 
 CHECKPOINT_VERSION = 1
 # Flags that may differ when a run is resumed; every other flag is taken from the checkpoint.
@@ -202,7 +203,8 @@ def load_run_checkpoint(path, flag, for_training=False):
         raise UsageError(f"{flag} {path}: not a checkpoint written by train.py")
     if for_training and not all(key in checkpoint for key in TRAINING_KEYS):
         raise UsageError(f"{flag} {path}: holds the weights only (best.pt); resume from the run's last.pt")
-    checkpoint.setdefault("resize_size", int(checkpoint["image_size"] * 256 / 224))
+    # checkpoints from before resize_size was saved: the rule they were trained with
+    checkpoint.setdefault("resize_size", resize_size_for(checkpoint["image_size"]))
     checkpoint.setdefault("args", {})
     return checkpoint
 

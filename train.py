@@ -476,7 +476,7 @@ def evaluate(model, loader, ctx, bad_images):
             dist.broadcast(buffer, 0)
     shard = loader.dataset  # a Subset of the dataset under DDP (see evaluation_loader)
     data, positions = dataset_of(loader), shard.indices if isinstance(shard, Subset) else range(len(shard))
-    indices, labels, log_probabilities, seen = [], [], [], 0
+    indices, labels, batch_logits, seen = [], [], [], 0
     for images, batch_labels, bad in tqdm(loader, desc="validate", leave=False, disable=not ctx.show_bars):
         bad_images.handle(bad)
         batch_positions = positions[seen : seen + len(bad) + (0 if images is None else len(images))]
@@ -485,14 +485,16 @@ def evaluate(model, loader, ctx, bad_images):
             continue
         indices += [i for i in batch_positions if data.images[i] not in skipped]
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            logits = model(to_device(images, ctx)).float().cpu().double()  # float64 on the CPU (MPS has none)
-        # log-softmax in float64: a confident model's probabilities do not round to exactly 1 and tie its ranks
-        log_probabilities.append(logits if data.multi_label else logits.log_softmax(1))
+            batch_logits.append(model(to_device(images, ctx)).float())  # stays on the device: no sync per batch
         labels.append(batch_labels.reshape(len(batch_labels), -1).float())
+    # Once, on the CPU (MPS has no float64): log-softmax in float64, so that a confident model's probabilities
+    # do not round to exactly 1 and tie its ranks
+    logits = torch.cat(batch_logits).cpu().double() if batch_logits else None
+    log_probabilities = logits if data.multi_label or logits is None else logits.log_softmax(1)
     # One float64 row per image, (index, label(s), log-probabilities or logits), exact for any index or label
     classes = len(data.class_names)
     columns = 1 + classes + (classes if data.multi_label else 1)
-    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels), torch.cat(log_probabilities)],
+    rows = torch.cat([torch.tensor(indices)[:, None], torch.cat(labels), log_probabilities],
                      1).double() if labels else torch.zeros(0, columns, dtype=torch.float64)  # fmt: skip
     if ctx.world_size > 1:  # each process pads its rows to the longest shard's count (index -1), then all gather
         padded = torch.full((math.ceil(len(data) / ctx.world_size), columns), -1.0, dtype=torch.float64)
