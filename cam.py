@@ -65,12 +65,13 @@ def target_layer(model, model_name, image_size):
 class GradCam:
     """Grad-CAM maps of a batch: `maps(images)` -> (probabilities (N, C), maps (N, S, S) in [0, 1] at the input
     size, 1 = hottest), for `target` or each image's most probable class. A multi-label model's probabilities
-    are each class's sigmoid, as predict.py gives them without --cam."""
+    are each class's sigmoid, as predict.py gives them without --cam; a calibrated model's are at its
+    `temperature`."""
 
-    def __init__(self, model, model_name, image_size, target=None, multi_label=False):
+    def __init__(self, model, model_name, image_size, target=None, multi_label=False, temperature=None):
         from captum.attr import LayerGradCam
 
-        self.multi_label = multi_label
+        self.multi_label, self.temperature = multi_label, temperature
         self.chosen = ChosenLogit(model.eval(), target)
         self.grad_cam = LayerGradCam(self.chosen, target_layer(model, model_name, image_size))
 
@@ -82,7 +83,7 @@ class GradCam:
         maps = LayerAttribution.interpolate(attributions.float(), tuple(batch.shape[2:]), "bilinear")[:, 0]
         peak = maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
         logits = self.chosen.logits.float()
-        probabilities = models.probabilities(logits, self.multi_label)
+        probabilities = models.probabilities(logits, self.multi_label, self.temperature)
         return probabilities.cpu(), (maps / peak).clamp(0, 1).detach().cpu()
 
 

@@ -1,6 +1,6 @@
 """What an exported model (export.py's .onnx or .pt2) carries besides its weights, and how it is run: the
-metadata JSON (classes, preprocessing, multi-label thresholds), checked when read, and ONNX Runtime's import.
-export.py writes it, predict.py reads it."""
+metadata JSON (classes, preprocessing, thresholds, temperature and operating point), checked when read, and
+ONNX Runtime's import. export.py writes it, predict.py reads it."""
 
 import json
 
@@ -23,6 +23,9 @@ def metadata_of(checkpoint):
         "std": [float(x) for x in checkpoint["std"]],
         "multi_label": bool(checkpoint.get("multi_label", False)),  # sigmoid per class instead of softmax
         "thresholds": checkpoint.get("thresholds"),  # multi-label: predicted when probability >= threshold
+        "temperature": checkpoint.get("temperature"),  # softmax(logits / temperature): calibrated probabilities
+        # single-label: {"rule", "thresholds" per class (None: none), "positive"}, applied to those probabilities
+        "operating_point": checkpoint.get("operating_point"),
         "window": checkpoint.get("args", {}).get("window"),  # --window: DICOM / 16-bit grey values windowed first
         "input": INPUT_NAME,
         "output": OUTPUT_NAME,

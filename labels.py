@@ -481,6 +481,43 @@ def dicom_groups(image_set, keyword):
     return image_set.samples.assign(group=groups)
 
 
+def subgroup_values(image_set, columns):
+    """--subgroup-col: for each of `columns` ('sex,site' or dicom:KEYWORD), the value of every image of
+    `image_set`, in its samples' order: from the CSV's column (the rows the samples came from), or from the
+    DICOM header. A missing column or a folder without a CSV is an error naming the flag; an empty value is
+    the subgroup 'missing'."""
+    values = {}
+    for column in [c.strip() for c in columns.split(",") if c.strip()]:
+        if column.startswith(DICOM_GROUP):
+            keyword = column.removeprefix(DICOM_GROUP)
+            paths = [Path(image_set.root) / image for image in image_set.samples["image"]]
+            if not keyword:
+                raise DataError("--subgroup-col dicom: needs a DICOM keyword after the colon, e.g. dicom:Manufacturer")
+            try:
+                found = dicom_values(paths, keyword)
+            except KeyError:  # some images lack the element: they are the subgroup 'missing'
+                found = [_dicom_value(path, keyword) for path in paths]
+            values[column] = [value or "missing" for value in found]
+            continue
+        if not str(image_set.source).lower().endswith(".csv"):
+            raise DataError(f"--subgroup-col {column}: {image_set.source} is not a CSV; folders have dicom: only")
+        header, rows = read_csv_rows(image_set.source)
+        if column not in header:
+            found = ", ".join(repr(name) for name in header)
+            raise DataError(f"--subgroup-col {column}: no such column in {image_set.source} (columns found: {found})")
+        at = header.index(column)
+        by_line = {line: fields[at].strip() or "missing" for line, fields in rows}
+        values[column] = [by_line[line] for line in image_set.samples["line"]]
+    return values
+
+
+def _dicom_value(path, keyword):
+    try:
+        return dicom_values([path], keyword)[0]
+    except KeyError:
+        return None
+
+
 def _read_image_set(path, folder, image_col, label_col, group_col, group_optional, label_format, sep):
     if label_format.columns:
         columns, uncertain = label_format.columns, label_format.uncertain

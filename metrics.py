@@ -47,9 +47,13 @@ ECE_BINS = 15
 # at 50 images, 0.093 at 100, 0.065 at 200, 0.054 at 300 and 0.038 at 600; accuracy 0.90's 95% interval is
 # 0.17 wide at 50 images, 0.084 at 200 and 0.068 at 300.
 SMALL_SET = 200
+# At the frozen operating point (decision.py): sensitivity, specificity, PPV and NPV with their intervals.
+OPERATING_COLUMNS = [f"op_{name}{end}" for name in ("sensitivity", "specificity", "ppv", "npv")
+                     for end in ("", "_low", "_high")]  # fmt: skip
 REPORT_COLUMNS = ["label", "support", "precision", "recall", "specificity", "f1", "auc", "value", "ci_low", "ci_high",
                   "ci_method", "classes", "precision_low", "precision_high", "recall_low", "recall_high",
-                  "specificity_low", "specificity_high", "f1_low", "f1_high", "auc_low", "auc_high"]  # fmt: skip
+                  "specificity_low", "specificity_high", "f1_low", "f1_high", "auc_low", "auc_high",
+                  "threshold", *OPERATING_COLUMNS]  # fmt: skip
 LABEL_REPORT_COLUMNS = ["label", "support", "precision", "recall", "f1", "ap", "auc", "threshold", "value", "ci_low",
                         "ci_high", "ci_method", "classes", "precision_low", "precision_high", "recall_low",
                         "recall_high", "f1_low", "f1_high", "ap_low", "ap_high", "auc_low", "auc_high"]  # fmt: skip

@@ -3,6 +3,7 @@ weights name or a local .pth file), the trained model a checkpoint holds, and `p
 between softmax (one class per image) and sigmoid (multi-label)."""
 
 import difflib
+import math
 import os
 import re
 
@@ -61,10 +62,31 @@ def check_input_size(model, model_name, image_size):
         raise UsageError(f"--image-size {image_size} does not fit {model_name} ({reason}); use a larger size") from None
 
 
-def probabilities(logits, multi_label):
+def probabilities(logits, multi_label, temperature=None):
     """What the model's outputs say of each class: a softmax over the classes, or each class's sigmoid for a
-    multi-label model."""
-    return logits.sigmoid() if multi_label else logits.softmax(1)
+    multi-label model; softmax(logits / temperature) for a calibrated single-label model (decision.py)."""
+    if multi_label:
+        return logits.sigmoid()
+    return (logits / temperature if temperature else logits).softmax(1)
+
+
+def forward_views(model, images, prepare, multi_label):
+    """The model's outputs (float32) for a uint8 batch, `prepare` turning NCHW uint8 into the model's input (see
+    devices.to_device): (B, C) for NCHW images; for test-time augmentation's (B, V, 3, H, W) views
+    (presets.tta_transform), all views in one forward, combined by average_views."""
+    if images.ndim == 4:
+        return model(prepare(images)).float()
+    views = images.shape[1]
+    return average_views(model(prepare(images.flatten(0, 1))).float().unflatten(0, (-1, views)), multi_label).float()
+
+
+def average_views(logits, multi_label):
+    """(B, C) outputs from (B, V, C) logits of V views, whose probabilities are the mean of the views': the log
+    of the mean softmax (its own softmax is that mean), or multi-label the logit of the mean sigmoid."""
+    if multi_label:
+        mean = logits.double().sigmoid().mean(1)
+        return mean.log() - (-mean).log1p()
+    return logits.double().log_softmax(2).logsumexp(1) - math.log(logits.shape[1])
 
 
 def torchvision_weights_name(weights):

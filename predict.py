@@ -11,6 +11,11 @@ also has a 'label' column, the accuracy on it is reported. Preprocessing is the 
 transform, so predicting a run's validation images reproduces its validation accuracy (given the same --amp).
 Inference is fp32 unless --amp asks otherwise, so best.pt and best.onnx give the same confidences.
 
+The probabilities are calibrated by the temperature the run fitted on its validation images, and a column
+`decision` says what the run's frozen operating point decides (a binary model: the class at its threshold;
+multi-class: the classes at or above their one-vs-rest thresholds, joined by ';'). --tta averages each image's
+probabilities over its flipped (and five-crop) views, at 2 or 10 times the cost.
+
 A multi-label model writes image, labels (the classes whose probability reaches their threshold, as 'a;b',
 empty for none), then one probability column per class. The thresholds are those the run chose on its
 validation images (saved in best.pt and the export), or --threshold for every class.
@@ -30,6 +35,7 @@ from tqdm import tqdm
 
 import cam
 import cli
+import decision
 import exported
 import presets
 import run_files
@@ -40,7 +46,7 @@ from files import WriteError, write_atomically
 from images import IMAGE_EXTENSIONS, is_image_file, resolve_image_path, upright_size
 from labels import LABEL_SEP, MISSING_LABELS, label_set, read_images
 from metrics import DEFAULT_THRESHOLD
-from models import model_from_checkpoint
+from models import average_views, forward_views, model_from_checkpoint
 from models import probabilities as probabilities_of
 
 
@@ -65,6 +71,13 @@ def get_args_parser():
     parser.add_argument("--cam-class", metavar="NAME", help="with --cam, map this class instead of the predicted one")
     parser.add_argument(
         "--threshold", type=cli.FRACTION, help="multi-label: one threshold for all (default: the run's)"
+    )
+    parser.add_argument(
+        "--tta",
+        nargs="?",
+        const="crops",
+        choices=presets.TTA_MODES,
+        help="average the five crops and their flips (alone), or the image and its flip (flip)",
     )
     parser.add_argument("--image-col", default="image", help="column of image paths in CSV inputs")
     parser.add_argument("--root", default=None, help="folder CSV image paths are relative to (default: the CSV's)")
@@ -122,15 +135,16 @@ def load_predictor(path, args):
         if args.cam_class is not None and args.cam_class not in class_names:
             raise UsageError(f"--cam-class {args.cam_class}: not a class of {path} ({', '.join(class_names[:10])})")
         target = None if args.cam_class is None else class_names.index(args.cam_class)
-        grad_cam = cam.GradCam(
-            model, checkpoint["model_name"], checkpoint["image_size"], target, checkpoint.get("multi_label", False)
-        )
+        grad_cam = cam.GradCam(model, checkpoint["model_name"], checkpoint["image_size"], target,
+                               checkpoint.get("multi_label", False), checkpoint.get("temperature"))  # fmt: skip
+    multi_label, temperature = checkpoint.get("multi_label"), checkpoint.get("temperature")
 
     def probabilities(images):
         with torch.autocast(device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
             if grad_cam is not None:
                 return grad_cam.maps(to_device(images, ctx))  # the same forward gives both
-            return probabilities_of(model(to_device(images, ctx)).float(), checkpoint.get("multi_label")).cpu(), None
+            logits = forward_views(model, images, lambda x: to_device(x, ctx), multi_label)
+            return probabilities_of(logits, multi_label, temperature).cpu(), None
 
     return probabilities, checkpoint, device
 
@@ -165,9 +179,12 @@ def load_onnx_predictor(path, args):
     mean, std = presets.channel_constants(info["mean"]), presets.channel_constants(info["std"])
 
     def probabilities(images):
-        batch = presets.normalize(images, mean, std).contiguous()  # the numbers the model sees from best.pt too
+        views = images.flatten(0, 1) if images.ndim == 5 else images  # --tta: (B, V, 3, H, W)
+        batch = presets.normalize(views, mean, std).contiguous()  # the numbers the model sees from best.pt too
         logits = torch.from_numpy(session.run([output_name], {input_name: batch.numpy()})[0]).float()
-        return probabilities_of(logits, info.get("multi_label")), None
+        if images.ndim == 5:
+            logits = average_views(logits.unflatten(0, images.shape[:2]), info.get("multi_label")).float()
+        return probabilities_of(logits, info.get("multi_label"), info.get("temperature")), None
 
     return probabilities, info, device
 
@@ -214,6 +231,8 @@ def main(args):
     for flag, value, least in (("--topk", args.topk, 1), ("--batch-size", args.batch_size, 1)):
         if value < least:
             raise UsageError(f"{flag} must be at least {least}, got {value}")
+    if args.tta and args.cam:
+        raise UsageError("--cam maps what the model sees in one view; drop --tta for --cam")
     if args.cam_class is not None and not args.cam:
         raise UsageError("--cam-class chooses the class --cam maps; add --cam DIR")
     if args.workers is not None and args.workers < 0:
@@ -227,6 +246,8 @@ def main(args):
     # Exactly the validation preprocessing of the run: same reduction, resize, crop and normalisation.
     resize_size = checkpoint["resize_size"]
     transform = presets.eval_transform(checkpoint["image_size"], resize_size)
+    if args.tta:
+        transform = presets.tta_transform(checkpoint["image_size"], resize_size, args.tta)
     datasets, start = [], 0
     # the training run's --window, as in its validation (an exported model carries it in its metadata)
     window = checkpoint["args"].get("window") if "args" in checkpoint else checkpoint.get("window")
@@ -264,15 +285,20 @@ def main(args):
     topk = min(args.topk, len(class_names))
     columns = ["image", "label", "confidence"]
     columns += [f"top{k}_{part}" for k in range(2, topk + 1) for part in ("label", "confidence")]
+    point = checkpoint.get("operating_point")  # frozen on the run's validation images
+    if point is not None:
+        columns.append("decision")
+        decided = decision.decision_names(torch.stack([probs for _, probs in predicted]), point, class_names)
     shown = len(columns)  # stdout gets these; the file also gets one probability column per class
     columns += [f"p_{name}" if name in columns else name for name in class_names]
     rows, correct, labelled = [], 0, 0
-    for index, probs in predicted:
+    for n, (index, probs) in enumerate(predicted):
         name, true_label = items["image"][index], items["label"][index]
         confidences, classes = probs.topk(topk)
         row = [name]
         for confidence, k in zip(confidences.tolist(), classes.tolist()):
             row += [class_names[k], f"{confidence:.6g}"]
+        row += [decided[n]] if point is not None else []
         rows.append(row + [f"{p:.6g}" for p in probs.tolist()])
         if true_label and true_label.lower() not in MISSING_LABELS:  # an unlabelled row is not scored
             labelled += 1

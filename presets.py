@@ -65,6 +65,33 @@ def eval_transform(image_size, resize_size=None):
     return v2.Compose([v2.Resize(resize_size, antialias=True), v2.CenterCrop(image_size), v2.PILToTensor()])
 
 
+TTA_MODES = ("crops", "flip")  # --tta: the five crops and their flips (10 views), or the centre crop and its flip
+
+
+def tta_transform(image_size, resize_size, mode):
+    """Test-time augmentation's transform: the eval_transform's Resize, then (V, 3, H, W) uint8 views: `crops`
+    the four corner and the centre crops (FiveCrop) and their horizontal flips, `flip` the centre crop and its
+    flip. The model's probabilities are averaged over them (models.forward_views)."""
+    if mode not in TTA_MODES:
+        raise ValueError(f"tta {mode!r}: expected one of {', '.join(TTA_MODES)}")
+    return v2.Compose([v2.Resize(resize_size, antialias=True), v2.PILToTensor(), _Views(image_size, mode)])
+
+
+class _Views(torch.nn.Module):
+    """A uint8 CHW image as its (V, 3, H, W) test-time views (a class, not a closure: worker processes that are
+    spawned, as on macOS, receive the transform pickled)."""
+
+    def __init__(self, image_size, mode):
+        super().__init__()
+        self.crop = v2.TenCrop(image_size) if mode == "crops" else v2.CenterCrop(image_size)
+
+    def forward(self, image):
+        crops = self.crop(image)
+        if not isinstance(crops, (tuple, list)):  # the centre crop: add its flip
+            crops = [crops, v2.functional.horizontal_flip(crops)]
+        return torch.stack(list(crops))
+
+
 def set_crop_size(transform, size):
     """Change, in place, the output size of the RandomResizedCrop in a train_transform Compose.
 

@@ -12,10 +12,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+
+import decision
 import metrics
 import plots
 from files import WriteError, write_atomically, write_csv_atomically
-from labels import LABEL_SEP
+from labels import LABEL_SEP, label_matrix
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "val_macro_f1", "val_auc"]
 
@@ -28,21 +31,44 @@ def write_metrics(output_dir, history):
     write_csv_atomically(output_dir / "metrics.csv", columns, history)
 
 
-def write_report(output_dir, predictions, data, title, prefix="", thresholds=None):
+def write_report(output_dir, predictions, data, title, prefix="", thresholds=None, *, temperature=None, point=None,
+                 point_chosen_here=False, subgroups=None):  # fmt: skip
     """The final report of a model on one part of the data (metrics.Predictions of the MyDataset `data`):
     printed, and saved as {prefix}report.csv, {prefix}confusion_matrix.csv, {val_|test_}predictions.csv and
     the pictures {prefix}confusion_matrix.png, {prefix}roc.png, {prefix}calibration.png, and for validation
-    (no prefix) val_predictions.jpg. Multi-label: see write_label_report."""
+    (no prefix) val_predictions.jpg. With the model's `temperature` the probabilities are calibrated first
+    (report.csv adds the temperature, and NLL and ECE before it); with its operating `point` (decision.py)
+    each class's row adds its threshold and the op_* figures at it (`point_chosen_here`: chosen on these
+    images, so optimistic); `subgroups` ({column: value per image}) writes {prefix}subgroups.csv.
+    Multi-label: see write_label_report."""
     if predictions.multi_label:
         return write_label_report(output_dir, predictions, data, title, prefix, thresholds)
     class_names = data.class_names
+    uncalibrated, predictions = predictions, decision.with_temperature(predictions, temperature)
     rows, confusion = metrics.report(predictions, class_names)
-    print(metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names), flush=True)
+    lines = [metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names)]
+    if point is not None:
+        for row, columns in zip(rows, decision.operating_columns(predictions, point)):
+            row.update(columns)
+        lines += decision.operating_text(rows, point, class_names, point_chosen_here)
+    if temperature is not None:
+        calibration = decision.calibration_rows(uncalibrated, temperature)
+        rows += calibration
+        nll, nll_before, ece_before = (row["value"] for row in calibration[1:])
+        ece = next(row["value"] for row in rows if row["label"] == "ece")
+        lines.append(
+            f"temperature {temperature:.3f}: NLL {nll_before:.3f} -> {nll:.3f}, ECE {ece_before:.3f} -> {ece:.3f}"
+        )
+    print("\n".join(lines), flush=True)
     write_csv_atomically(output_dir / f"{prefix}report.csv", metrics.REPORT_COLUMNS, rows)
     header = ["true\\predicted", *class_names]
     matrix_rows = [dict(zip(header, [name, *counts])) for name, counts in zip(class_names, confusion.tolist())]
     write_csv_atomically(output_dir / f"{prefix}confusion_matrix.csv", header, matrix_rows)
-    write_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data)
+    write_predictions(output_dir / f"{prefix or 'val_'}predictions.csv", predictions, data, point)
+    if subgroups:
+        subgroup_rows = decision.subgroup_rows(predictions, subgroups, class_names, point)
+        decision.warn_small_subgroups(subgroup_rows)
+        write_csv_atomically(output_dir / f"{prefix}subgroups.csv", decision.SUBGROUP_COLUMNS, subgroup_rows)
 
     save_picture(output_dir, plots.draw_confusion_matrix(confusion, class_names, prefix))
     aucs = [row["auc"] for row in rows[: len(class_names)]]
@@ -53,8 +79,10 @@ def write_report(output_dir, predictions, data, title, prefix="", thresholds=Non
         save_picture(output_dir, plots.draw_predictions(*plots.worth_seeing(predictions, data), class_names))
 
 
-def write_predictions(path, predictions, data):
-    """One row per evaluated image: image, label, predicted, confidence, then p_<class> for every class."""
+def write_predictions(path, predictions, data, point=None):
+    """One row per evaluated image: image, label, predicted, confidence, then p_<class> for every class, and with
+    an operating point `decision`: a binary model's class at its threshold, else the classes at or above theirs
+    (joined by ';')."""
     class_names = data.class_names
     header = ["image", "label", "predicted", "confidence", *(f"p_{name}" for name in class_names)]
     probabilities = predictions.probabilities.tolist()
@@ -64,6 +92,10 @@ def write_predictions(path, predictions, data):
             predictions.indices.tolist(), predictions.labels.tolist(), predictions.predicted.tolist(), probabilities
         )
     ]
+    if point is not None:
+        header.append("decision")
+        for row, decided in zip(rows, decision.decision_names(predictions.probabilities, point, class_names)):
+            row["decision"] = decided
     write_csv_atomically(path, header, rows)
 
 
@@ -141,6 +173,45 @@ def write_cv_summary(output_dir, folds):
     write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
     print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
     print(f"{output_dir / 'cv_summary.csv'}, {output_dir / 'cv_predictions.csv'}: {len(predictions)} images, each once")
+
+
+def print_setup(args, ctx, parts, split_method, train_loader, output_dir):
+    train_set, val_set, test_set = parts["train"], parts["val"], parts["test"]
+    class_names = train_loader.dataset.class_names
+    workers, cached = train_loader.num_workers, train_loader.dataset.cache is not None
+    precision = "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch.") + " autocast"
+    processes = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
+    print(
+        f"device {ctx.device}{processes}, {precision}{', channels_last' if ctx.channels_last else ''}, "
+        f"loader workers {workers}{', RAM cache' if cached else ''}"
+    )
+    counts = train_set.samples["label"].value_counts()
+    if train_set.multi_label:  # images with each label
+        counts = dict(zip(class_names, np.nansum(label_matrix(train_set.samples, class_names), 0).astype(int)))
+    test = f" / {len(test_set.samples)} test" if test_set is not None else ""
+    print(
+        f"{len(train_set.samples)} train / {len(val_set.samples)} val{test} images ({split_method} split), "
+        f"{len(class_names)} {'labels' if train_set.multi_label else 'classes'}: "
+        + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
+    )
+    global_batch = args.batch_size * args.accum_steps * ctx.world_size
+    batch = f"batch {args.batch_size}" + f" x {args.accum_steps} accumulated" * (args.accum_steps > 1)
+    batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1)
+    batch += f" (global {global_batch})" * (global_batch > args.batch_size)
+    weights, epochs = f" from {args.weights}" * bool(args.weights), f"{args.epochs} epoch" + "s" * (args.epochs != 1)
+    print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {epochs} -> {output_dir}")
+    if train_loader.drop_last:  # decided once, by build_dataloaders
+        print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
+
+
+def print_epoch(row, epochs, improved, skipped):
+    map_ = f" map {row['val_map']:.3f}" if "val_map" in row else ""  # multi-label; acc is exact-match
+    print(
+        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
+        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{map_}{' *best' if improved else ''}  "
+        f"{row['seconds']:.1f}s{f'  skipped {skipped} bad images' if skipped else ''}",
+        flush=True,
+    )
 
 
 def save_picture(output_dir, picture):

@@ -38,6 +38,8 @@ EVALUATE_FLAGS = RESUMABLE_FLAGS | {
     "uncertain",
     "threshold",
     "batch_size",
+    "subgroup_col",
+    "tta",
 }
 # Never taken from a saved run: where it lives and what to do with it, and the machine it continues on.
 NOT_SAVED_FLAGS = {"resume", "output_dir", "evaluate", "device", "nproc"}
@@ -234,7 +236,13 @@ def open_run(args, typed, here, world_size=1):
         apply_saved_args(args, checkpoint["args"], typed, EVALUATE_FLAGS)
         if "amp" not in typed:  # the training run's autocast is not taken: inference is exact (fp32) unless asked
             args.amp = "off"
-        return checkpoint, Path(args.output_dir or Path(args.evaluate).parent)
+        # Data named now replaces the run's own, its paths relative to its own folder unless --root says otherwise.
+        if typed & {"csv", "data"}:
+            args.csv, args.data = (args.csv, None) if "csv" in typed else (None, args.data)
+            args.root = args.root if "root" in typed else None
+        source = next((getattr(args, name) for name in ("val_csv", "csv", "data") if name in typed), None)
+        default_dir = Path(args.evaluate).parent / f"evaluate_{Path(source).stem if source else 'val'}"
+        return checkpoint, Path(args.output_dir or default_dir)
     output_dir = choose_output_dir(args.output_dir, args.resume, here)
     if world_size > 1:
         shared = [str(output_dir)]
@@ -369,6 +377,18 @@ class CheckpointSaver:
     def _save(self, path, model, epoch, history, **pieces):
         if self.is_main:
             save_checkpoint(path, model, epoch, self.best, history, self.run, **pieces, background=True)
+
+    def freeze_decision(self, temperature, operating_point):
+        """Add what the model is deployed with, chosen on the validation images after training (decision.py),
+        to best.pt: its temperature and operating point, rewritten atomically once the queued writes are done."""
+        self.wait()
+        if not self.is_main:
+            return
+        checkpoint = load_checkpoint(self.best_path, "best.pt")
+        if checkpoint.get("temperature") == temperature and checkpoint.get("operating_point") == operating_point:
+            return  # a finished run resumed: its best.pt stays as it was
+        checkpoint.update(temperature=temperature, operating_point=operating_point)
+        write_atomically(self.best_path, lambda f: torch.save(checkpoint, f))
 
     def wait(self):
         """Return once every checkpoint is on disk."""

@@ -78,12 +78,17 @@ def warn_shared_groups(parts):
 
 
 def evaluation_image_set(
-    csv, root, class_names, image_col=None, label_col=None, skip_bad=False, label_format=DEFAULT_LABELS
-):
-    """A CSV's labelled images to evaluate a trained model on: its labels among `class_names`, every image checked."""
-    image_set = read_image_sets(
-        csv=csv, root=root, image_col=image_col, label_col=label_col, label_format=label_format
-    )[0]
+    *, class_names, csv=None, root=None, data=None, image_col=None, label_col=None, skip_bad=False,
+    label_format=DEFAULT_LABELS,
+):  # fmt: skip
+    """The labelled images to evaluate a trained model on, every one of a CSV or of a folder of class folders:
+    their labels among `class_names`, every image checked. A folder with train/val/test parts is refused: which
+    part is meant must be said."""
+    image_set, val_set, test_set = read_image_sets(
+        data=data, csv=csv, root=root, image_col=image_col, label_col=label_col, label_format=label_format
+    )
+    if val_set is not None or test_set is not None:
+        raise DataError(f"--data {data}: has train/val/test parts; name the one to evaluate, e.g. --data {data}/test")
     check_labels(image_set, class_names)
     return checked(image_set, skip_bad)
 

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import cam
 import cli
 import dataset
+import decision
 import duplicates
 import metrics
 import models
@@ -50,8 +51,8 @@ from devices import choose_device, loader_workers, make_context, to_device
 from errors import BadImageError, DataError, UsageError
 from files import WriteError
 from images import parse_window
-from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, is_multi_label, label_matrix
-from models import build_model, check_input_size, model_from_checkpoint
+from labels import LABEL_SEP, UNCERTAIN_POLICIES, LabelFormat, is_multi_label, subgroup_values
+from models import build_model, check_input_size, forward_views, model_from_checkpoint
 from processes import StopRequest, launch_processes, processes_to_launch
 
 HERE = Path(__file__).resolve().parent
@@ -80,6 +81,7 @@ def get_args_parser():
     data("--group-col", help="CSV column of patient/subject ids: a group's images are never in two parts")
     data("--window", help="DICOM/16-bit grey window: CENTER,WIDTH or lung, mediastinum, bone, brain, abdomen")
     data("--group-pattern", help="the same from file names: a regex whose first group is the id, e.g. '^(P\\d+)_'")
+    data("--subgroup-col", help="CSV columns (or dicom:KEYWORD) to report per value in subgroups.csv, e.g. sex,site")
     data("--val-split", type=FRACTION, default=0.3, help="fraction held out for validation")
     data("--folds", type=FOLDS, help="K-fold cross-validation: K runs in OUTPUT/fold1..K, each image validated once")
     data("--fold", type=POSITIVE_INT, help="with --folds, run only this fold (e.g. one cluster job per fold)")
@@ -122,6 +124,15 @@ def get_args_parser():
           "(default: per class, the best F1 on the validation images)")
     optim("--patience", type=COUNT, default=0, help="stop after this many epochs without a new best (0 = never)")
 
+    deploy = parser.add_argument_group("operating point and calibration, chosen on validation, frozen").add_argument
+    deploy("--operating-point", type=operating_point_rule, help="per class threshold: youden, f1, sens=0.95 or "
+           "spec=0.90 (default: youden; multi-label: f1)")
+    deploy("--positive-class", help="binary: the class the operating point decides (default: the second class)")
+    deploy("--calibrate", action=argparse.BooleanOptionalAction, default=True,
+           help="fit a temperature on the validation logits (single-label), applied wherever the model is used")
+    deploy("--tta", nargs="?", const="crops", choices=presets.TTA_MODES,
+           help="--evaluate: average the five crops and their flips (alone), or the image and its flip (flip)")
+
     extra = parser.add_argument_group("recipe (defaults: the tutorial's)").add_argument
     extra("--recipe", choices=["default", "modern"], default="default",
           help="modern = AdamW 1e-3, weight decay .05, cosine, 1 warmup epoch, label smoothing .1, crop scale .25; "
@@ -155,6 +166,13 @@ def get_args_parser():
     return parser
 
 
+def operating_point_rule(text):
+    try:
+        return decision.parse_rule(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def check_args(args):
     """Fill in the data flags that depend on each other (values are checked by their argparse types)."""
     if args.data and (args.csv or args.test_csv or (args.val_csv and not args.evaluate)):
@@ -169,6 +187,8 @@ def check_args(args):
         raise UsageError("folders have one class per image; multi-label (--label-sep, --label-cols) needs a --csv")
     if args.progressive and args.progressive >= args.image_size:
         raise UsageError(f"--progressive {args.progressive} must be below --image-size {args.image_size}")
+    if args.tta and not args.evaluate:
+        raise UsageError("--tta is for --evaluate (and predict.py): training and its report see each image once")
     if args.lr_find and (args.resume or args.folds):
         raise UsageError("--lr-find tries learning rates on a fresh model; drop --resume/--folds")
     if args.label_sep and args.label_cols:
@@ -208,6 +228,17 @@ def load_samples(args):
         train_set, val_set, test_set, args.no_duplicate_check, args.dedupe, args.window
     )
     return train_set, val_set, test_set, class_names, split_method, copies
+
+
+def subgroups_of(args, parts, class_names):
+    """--subgroup-col's values for each part's images ({part: {column: values}}), read before training so that a
+    wrong column stops the run at once; the --positive-class checked against the classes too."""
+    if args.positive_class is not None and (len(class_names) != 2 or args.positive_class not in class_names):
+        raise UsageError(f"--positive-class {args.positive_class}: not a class of this binary task "
+                         f"(classes: {', '.join(class_names[:10])})")  # fmt: skip
+    if not args.subgroup_col:
+        return {}
+    return {name: subgroup_values(part, args.subgroup_col) for name, part in parts.items() if part is not None}
 
 
 def label_format_of(args):
@@ -485,7 +516,8 @@ def evaluate(model, loader, ctx, bad_images):
             continue
         indices += [i for i in batch_positions if data.images[i] not in skipped]
         with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype, enabled=ctx.amp_dtype is not None):
-            batch_logits.append(model(to_device(images, ctx)).float())  # stays on the device: no sync per batch
+            # stays on the device: no sync per batch
+            batch_logits.append(forward_views(model, images, lambda x: to_device(x, ctx), data.multi_label))
         labels.append(batch_labels.reshape(len(batch_labels), -1).float())
     # Once, on the CPU (MPS has no float64): log-softmax in float64, so that a confident model's probabilities
     # do not round to exactly 1 and tie its ranks
@@ -514,62 +546,33 @@ def evaluate(model, loader, ctx, bad_images):
 # ================================================================================================== main
 
 
-def print_setup(args, ctx, parts, split_method, train_loader, output_dir):
-    train_set, val_set, test_set = parts["train"], parts["val"], parts["test"]
-    class_names = train_loader.dataset.class_names
-    workers, cached = train_loader.num_workers, train_loader.dataset.cache is not None
-    precision = "fp32" if ctx.amp_dtype is None else str(ctx.amp_dtype).removeprefix("torch.") + " autocast"
-    processes = f", {ctx.world_size} processes" if ctx.world_size > 1 else ""
-    print(
-        f"device {ctx.device}{processes}, {precision}{', channels_last' if ctx.channels_last else ''}, "
-        f"loader workers {workers}{', RAM cache' if cached else ''}"
-    )
-    counts = train_set.samples["label"].value_counts()
-    if train_set.multi_label:  # images with each label
-        counts = dict(zip(class_names, np.nansum(label_matrix(train_set.samples, class_names), 0).astype(int)))
-    test = f" / {len(test_set.samples)} test" if test_set is not None else ""
-    print(
-        f"{len(train_set.samples)} train / {len(val_set.samples)} val{test} images ({split_method} split), "
-        f"{len(class_names)} {'labels' if train_set.multi_label else 'classes'}: "
-        + ", ".join(f"{c} {counts.get(c, 0)}" for c in class_names)
-    )
-    global_batch = args.batch_size * args.accum_steps * ctx.world_size
-    batch = f"batch {args.batch_size}" + f" x {args.accum_steps} accumulated" * (args.accum_steps > 1)
-    batch += f" x {ctx.world_size} processes" * (ctx.world_size > 1)
-    batch += f" (global {global_batch})" * (global_batch > args.batch_size)
-    weights, epochs = f" from {args.weights}" * bool(args.weights), f"{args.epochs} epoch" + "s" * (args.epochs != 1)
-    print(f"{args.model}{weights}, {args.optimizer} lr {args.lr:g}, {batch}, {epochs} -> {output_dir}")
-    if train_loader.drop_last:  # decided once, by build_dataloaders
-        print("note: each epoch's last training batch, a single image, is dropped (BatchNorm cannot train on it)")
-
-
-def print_epoch(row, epochs, improved, skipped):
-    map_ = f" map {row['val_map']:.3f}" if "val_map" in row else ""  # multi-label; acc is exact-match
-    print(
-        f"epoch {row['epoch']}/{epochs}  train_loss {row['train_loss']:.3f} acc {row['train_acc']:.3f}  "
-        f"val_loss {row['val_loss']:.3f} acc {row['val_acc']:.3f}{map_}{' *best' if improved else ''}  "
-        f"{row['seconds']:.1f}s{f'  skipped {skipped} bad images' if skipped else ''}",
-        flush=True,
-    )
-
-
 def evaluate_checkpoint(args, checkpoint, output_dir, device):
-    """--evaluate: the report for a saved checkpoint, with its own classes and preprocessing, on --val-csv when
-    given, else on the validation part of the run's own split."""
+    """--evaluate: the report folder of a saved checkpoint, with its own classes, preprocessing, temperature and
+    frozen operating point: on every image of --val-csv, or of a --csv or --data the model was not trained on
+    (external validation: the honest figure), else on the validation part of the run's own split (optimistic:
+    the best epoch and the operating point were chosen there). --tta averages each image's views."""
     ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
-    class_names = list(checkpoint["class_names"])
-    if args.val_csv:
-        val_root = args.val_root or args.root or Path(args.val_csv).parent
-        columns = (args.image_col, args.label_col, args.skip_bad_images, label_format_of(args))
-        val_set = splits.evaluation_image_set(args.val_csv, val_root, class_names, *columns)
+    class_names, saved = list(checkpoint["class_names"]), checkpoint["args"]
+    external = args.val_csv or (args.data or args.csv) != (saved.get("data") or saved.get("csv"))
+    if external:
+        if args.val_csv:
+            source = {"csv": args.val_csv, "root": args.val_root or args.root or Path(args.val_csv).parent}
+        else:
+            source = {"data": args.data} if args.data else {"csv": args.csv, "root": args.root}
+        val_set = splits.evaluation_image_set(
+            **source, class_names=class_names, image_col=args.image_col, label_col=args.label_col,
+            skip_bad=args.skip_bad_images, label_format=label_format_of(args),
+        )  # fmt: skip
     else:
         val_set = load_samples(args)[1]
     if val_set.multi_label != checkpoint.get("multi_label", False):
         kind = "multi-label" if checkpoint.get("multi_label") else "single-label"
         raise UsageError(f"--evaluate {args.evaluate}: a {kind} model; {val_set.source} is not {kind} data")
-    resize_size = checkpoint["resize_size"]
-    transform = presets.eval_transform(checkpoint["image_size"], resize_size)
-    window = args.window if args.window is not None else checkpoint["args"].get("window")  # the run's own
+    subgroups = subgroups_of(args, {"val": val_set}, class_names).get("val")
+    size, resize_size = checkpoint["image_size"], checkpoint["resize_size"]
+    transform = presets.eval_transform(size, resize_size)
+    transform = presets.tta_transform(size, resize_size, args.tta) if args.tta else transform
+    window = args.window if args.window is not None else saved.get("window")  # the run's own
     val_data = MyDataset(
         val_set.samples, val_set.root, class_names, transform, resize_size, val_set.multi_label, window=window
     )
@@ -578,8 +581,11 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     predictions = evaluate(model, loader, ctx, BadImageLog(args.skip_bad_images))
     thresholds = [args.threshold] * len(class_names) if args.threshold is not None else checkpoint.get("thresholds")
     run_files.make_output_dir(output_dir)
-    title = f"evaluation of {args.evaluate} on {val_set.source}"
-    report.write_report(output_dir, predictions, val_data, title, thresholds=thresholds)
+    title = f"evaluation of {args.evaluate} on {val_set.source}" + f" with --tta {args.tta}" * bool(args.tta)
+    report.write_report(output_dir, predictions, val_data, title, thresholds=thresholds,
+                        temperature=checkpoint.get("temperature"), point=checkpoint.get("operating_point"),
+                        point_chosen_here=not external, subgroups=subgroups)  # fmt: skip
+    print(f"report folder: {output_dir}")
     return 0
 
 
@@ -616,6 +622,7 @@ def settle_defaults(args, device, checkpoint):
     if args.threshold is not None and not multi_label:
         raise UsageError("--threshold is for multi-label data (one class per image takes the most probable)")
     args.best_metric = args.best_metric or ("map" if multi_label else "acc")
+    args.operating_point = args.operating_point or ("f1" if multi_label else "youden")
     args.crop_scale = args.crop_scale or recipe.default_crop_scale(args.recipe, multi_label)
     if args.progressive and args.amp == "auto" and device.type == "cpu":
         # bf16 autocast on a CPU turned the validation loss NaN now and then after a size change (oneDNN
@@ -633,7 +640,7 @@ def prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train
     run_files.make_output_dir(output_dir)
     run_files.write_split(output_dir, {name: part and part.samples for name, part in parts.items()})
     run_files.write_args(output_dir, args, ctx, workers)
-    print_setup(args, ctx, parts, split_method, train_loader, output_dir)
+    report.print_setup(args, ctx, parts, split_method, train_loader, output_dir)
     duplicates.report(output_dir, copies, args.dedupe)
     if resuming:
         print(f"resuming after epoch {resuming}")
@@ -657,34 +664,47 @@ def stopped(stop, bad_image, saver, ctx, args, output_dir, world_size):
     return 128 + stop.signum
 
 
-def report_best(model, saver, val_loader, test_loader, ctx, bad_images, output_dir, args, best_predictions=None):
-    """best.pt's report on the validation images and, once, on the test images, computed in fp32 whatever the
-    training precision, so they are what predict.py and the ONNX export give for the same images (the best
-    epoch's `best_predictions` are reused when they were fp32 already). Validation figures are optimistic (the
-    best epoch was chosen on them); the test split is the honest figure."""
+def report_best(model, saver, loaders, ctx, bad_images, output_dir, args, best_predictions=None, subgroups=None):
+    """best.pt's report on the validation images and, once, on the test images (`loaders` "val" and "test" or
+    None), computed in fp32 whatever the training precision, so they are what predict.py and the ONNX export
+    give for the same images (the best epoch's `best_predictions` are reused when they were fp32 already).
+    On the validation predictions the model's temperature (--calibrate) and then its operating point are chosen
+    and frozen into best.pt; the test report applies them unchanged. Validation figures are optimistic (the
+    best epoch and the operating point were chosen on them); the test split is the honest figure."""
     saver.wait()
     if ctx.world_size > 1:
         dist.barrier()  # rank 0 has finished writing best.pt
     model.load_state_dict(run_files.load_checkpoint(saver.best_path, "best.pt")["model"])
     exact = dataclasses.replace(ctx, amp_dtype=None)
     reusable = best_predictions is not None and ctx.amp_dtype is None
-    val_predictions = best_predictions if reusable else evaluate(model, val_loader, exact, bad_images)
+    val_predictions = best_predictions if reusable else evaluate(model, loaders["val"], exact, bad_images)
+    test_loader = loaders["test"]
     test_predictions = evaluate(model, test_loader, exact, bad_images) if test_loader is not None else None
     if not ctx.is_main:
         return
     best = saver.best
     print(f"best {args.best_metric} {abs(best['score']):.3f} at epoch {best['epoch']}: {saver.best_path}")
-    thresholds = best.get("thresholds")  # the best epoch's, chosen on the validation images
-    val_data = dataset_of(val_loader)
+    val_data, thresholds = dataset_of(loaders["val"]), best.get("thresholds")  # multi-label: the best epoch's
+    temperature, point = None, None
+    if not val_data.multi_label:
+        temperature = decision.fit_temperature(val_predictions) if args.calibrate else None
+        names = val_data.class_names
+        positive = names.index(args.positive_class or names[1]) if len(names) == 2 else None
+        calibrated = decision.with_temperature(val_predictions, temperature)
+        point = decision.choose_operating_point(calibrated, args.operating_point, positive)
+        saver.freeze_decision(temperature, point)
+    decided = {"thresholds": thresholds, "temperature": temperature, "point": point}
     report.write_report(output_dir, val_predictions, val_data, f"validation report of {saver.best_path}",
-                        thresholds=thresholds)  # fmt: skip
-    print("(validation figures are optimistic: the best epoch was chosen on these images; the test set is honest)")
+                        **decided, point_chosen_here=True, subgroups=subgroups.get("val"))  # fmt: skip
+    print("(validation figures are optimistic: the best epoch and the operating point were chosen on these images; "
+          "the test set is the honest figure)")  # fmt: skip
     if not val_data.multi_label:
         picture = cam.draw_val_cam(model, args.model, lambda x: to_device(x, exact), val_predictions, val_data)
         report.save_picture(output_dir, picture)
     if test_predictions is not None:
-        title = f"test report of {saver.best_path}"
-        report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", thresholds)
+        title = f"test report of {saver.best_path} (operating point and temperature frozen on validation)"
+        report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", **decided,
+                            subgroups=subgroups.get("test"))  # fmt: skip
 
 
 def main(args, argv=None):
@@ -698,6 +718,7 @@ def main(args, argv=None):
 
     # ---- data
     train_set, val_set, test_set, class_names, split_method, copies = load_samples(args)
+    subgroups = subgroups_of(args, {"val": val_set, "test": test_set}, class_names)
     digest = run_files.split_digest(train_set.samples, val_set.samples)
     if checkpoint is not None and checkpoint.get("split_digest") != digest:
         raise UsageError(f"--resume: {args.data or args.csv} no longer gives this run's split; start a new run")
@@ -752,8 +773,8 @@ def main(args, argv=None):
                 if stop.signum is not None:
                     break
                 predictions = evaluate(scored_model, val_loader, ctx, bad_images)
-                if predictions.multi_label:  # each class's threshold: the best F1 on these images, or --threshold
-                    thresholds = metrics.choose_thresholds(predictions, args.threshold)
+                if predictions.multi_label:  # each label's threshold, by --operating-point on these images
+                    thresholds = decision.choose_label_thresholds(predictions, args.operating_point, args.threshold)
                 val_scores = metrics.epoch_scores(predictions, thresholds)  # val_loss, val_acc, val_macro_f1, val_auc
                 history.append({
                     "epoch": epoch, "train_loss": train_stats["train_loss"], "train_acc": train_stats["train_acc"],
@@ -766,7 +787,7 @@ def main(args, argv=None):
                     report.save_picture(output_dir, plots.draw_results(history))
                     if epoch == first_epoch:  # from the first epoch's line on, the folder holds a checkpoint;
                         saver.wait()  # later ones are written while the next epoch trains
-                    print_epoch(history[-1], args.epochs, improved, bad_images.count)
+                    report.print_epoch(history[-1], args.epochs, improved, bad_images.count)
                 if args.patience and epoch - saver.best["epoch"] >= args.patience:
                     if ctx.is_main:
                         print(f"no better {args.best_metric} for {args.patience} epochs: stopping early")
@@ -784,7 +805,8 @@ def main(args, argv=None):
     # ---- the final report: best.pt on the validation images, and once on the test images
     if saver.best["epoch"]:
         test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers) if test_data is not None else None
-        report_best(model, saver, val_loader, test_loader, ctx, bad_images, output_dir, args, best_predictions)
+        loaders = {"val": val_loader, "test": test_loader}
+        report_best(model, saver, loaders, ctx, bad_images, output_dir, args, best_predictions, subgroups)
     saver.wait()  # the run ends with every checkpoint on disk
     return 0
 

@@ -34,7 +34,8 @@ def test_a_run_writes_every_validation_image_s_probabilities(train_tiny, capsys)
     rows = read_rows(run_dir / "val_predictions.csv")
     val_images = [row["image"] for row in read_rows(run_dir / "split.csv") if row["split"] == "val"]
     assert [row["image"] for row in rows] == val_images
-    assert list(rows[0]) == ["image", "label", "predicted", "confidence", "p_cat", "p_dog", "p_fox"]
+    # and what the frozen operating point decides (multi-class: the classes at or above their thresholds)
+    assert list(rows[0]) == ["image", "label", "predicted", "confidence", "p_cat", "p_dog", "p_fox", "decision"]
     for row in rows:
         probabilities = {name: float(row[f"p_{name}"]) for name in ("cat", "dog", "fox")}
         assert math.isclose(sum(probabilities.values()), 1.0, abs_tol=1e-4)

@@ -37,19 +37,21 @@ def test_folder_gives_one_row_per_image_with_probabilities(train_tiny, tiny_data
 
     rows = read_rows(out)
     assert sorted(r["image"] for r in rows) == sorted(str(p) for p in root.glob("*.png"))
-    assert list(rows[0]) == ["image", "label", "confidence", "top2_label", "top2_confidence", *CLASSES]
+    columns = ["image", "label", "confidence", "top2_label", "top2_confidence", "decision", *CLASSES]
+    assert list(rows[0]) == columns
     for row in rows:
         probs = [float(row[c]) for c in CLASSES]
         assert math.isclose(sum(probs), 1.0, abs_tol=1e-4)
         assert row["label"] in CLASSES and row["top2_label"] in CLASSES and row["top2_label"] != row["label"]
         assert float(row["confidence"]) == max(probs) >= float(row["top2_confidence"])
     printed = capsys.readouterr().out.splitlines()
-    assert printed[0] == "image,label,confidence,top2_label,top2_confidence"
+    assert printed[0] == "image,label,confidence,top2_label,top2_confidence,decision"
     assert len(printed) == 1 + len(rows)
 
 
 def test_validation_rows_reproduce_the_runs_validation_accuracy_and_loss(train_tiny, tiny_data, tmp_path, capsys):
-    status, run_dir = train_tiny("--epochs", "1")  # one epoch: best.pt is the epoch metrics.csv describes
+    # one epoch: best.pt is the epoch metrics.csv describes; uncalibrated, as metrics.csv's epochs are
+    status, run_dir = train_tiny("--epochs", "1", "--no-calibrate")
     assert status == 0
     val_rows = [r for r in read_rows(run_dir / "split.csv") if r["split"] == "val"]
     val_csv = write_csv(
