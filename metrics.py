@@ -187,7 +187,7 @@ def class_scores(predictions):
     ranking = predictions.ranking_scores.numpy()
     unit = np.ones((1, len(labels)))
     scores["auc"] = [
-        float(_weighted_auc(ranking[:, c], (labels == c).numpy(), unit)[0]) if 0 < support[c] < len(labels) else NAN
+        float(weighted_auc(ranking[:, c], (labels == c).numpy(), unit)[0]) if 0 < support[c] < len(labels) else NAN
         for c in range(num_classes)
     ]
     return scores
@@ -321,7 +321,7 @@ def resampled_scores(predictions, counts):
             )
             f1[:, c] = np.where(drawn_positive > 0, twice_true_positive / (drawn_positive + drawn_chosen), NAN)
             if positive.any() and not positive.all():
-                auc[:, c] = _weighted_auc(ranking[:, c], positive, weights)
+                auc[:, c] = weighted_auc(ranking[:, c], positive, weights)
         macro_f1 = macro_f1 / members if members else np.full(len(weights), NAN)
     confidence = predictions.probabilities.max(1).values  # what torchmetrics bins, float32 as it
     ece = _weighted_ece(confidence, predicted == labels, weights)
@@ -335,7 +335,7 @@ def _row_mean(values):
         return np.where(finite, values, 0).sum(1) / finite.sum(1)
 
 
-def _weighted_auc(scores, positive, weights):
+def weighted_auc(scores, positive, weights):
     """ROC AUC per row of `weights` (image multiplicities): the weighted share of (positive, negative) pairs
     the scores order right, ties counting half (the Mann-Whitney statistic). NaN for a non-finite score."""
     if not np.isfinite(scores).all():
@@ -507,7 +507,7 @@ def label_scores(predictions, thresholds):
         ranking, positive, unit = ranking.numpy(), positive.numpy(), np.ones((1, len(positive)))
         scores["ap"].append(float(_weighted_average_precision(ranking, positive, unit)[0]) if support else NAN)
         defined = 0 < support < len(positive)
-        scores["auc"].append(float(_weighted_auc(ranking, positive, unit)[0]) if defined else NAN)
+        scores["auc"].append(float(weighted_auc(ranking, positive, unit)[0]) if defined else NAN)
     scores["threshold"] = list(thresholds)
     return scores
 
@@ -547,7 +547,7 @@ def resampled_label_scores(predictions, thresholds, counts):
             if positive.any():
                 ap[:, c] = _weighted_average_precision(ranking_all[known, c], positive, weights)
                 if not positive.all():
-                    auc[:, c] = _weighted_auc(ranking_all[known, c], positive, weights)
+                    auc[:, c] = weighted_auc(ranking_all[known, c], positive, weights)
         tp, fp, fn = total["tp"], total["fp"], total["fn"]
         micro_f1 = np.where(tp + fn > 0, 2 * tp / (2 * tp + fp + fn), NAN)
     return {"map": _row_mean(ap), "macro_auc": _row_mean(auc), "macro_f1": _row_mean(f1), "micro_f1": micro_f1,

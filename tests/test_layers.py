@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ENTRY_SCRIPTS = {"train", "predict", "export"}
+ENTRY_SCRIPTS = {"train", "predict", "export", "compare"}
 LEAVES = {"errors", "files"}
 MODULES = {path.stem: path for path in REPO.glob("*.py")}
 
