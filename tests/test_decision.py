@@ -333,8 +333,8 @@ def test_the_paired_bootstrap_interval_covers_the_true_auc_difference():
         scores_a = 0.7 * shared + math.sqrt(0.51) * rng.normal(size=100) + 1.2 * positive
         scores_b = 0.7 * shared + math.sqrt(0.51) * rng.normal(size=100) + 0.8 * positive
 
-        def difference(weights):
-            return metrics.weighted_auc(scores_a, positive, weights) - metrics.weighted_auc(scores_b, positive, weights)
+        def difference(weights, a=scores_a, b=scores_b, positive=positive):
+            return metrics.weighted_auc(a, positive, weights) - metrics.weighted_auc(b, positive, weights)
 
         low, high = paired.paired_bootstrap(difference, positive, resamples=500, seed=int(rng.integers(1 << 30)))
         covered += low <= true_difference <= high
