@@ -316,7 +316,7 @@ def write_split(output_dir, parts):
 # -------------------------------------------------------------------------------------------- args.json
 
 
-def write_args(output_dir, args, ctx, workers):
+def write_args(output_dir, args, ctx, workers, split_method=None):
     """args.json: every flag as the run uses it, and what the script chose for this machine, as timm and
     Ultralytics write args.yaml."""
     import json
@@ -331,6 +331,7 @@ def write_args(output_dir, args, ctx, workers):
         "processes": ctx.world_size,
         "workers": workers,
         "global_batch": args.batch_size * args.accum_steps * ctx.world_size,
+        "split_method": split_method,  # how validation was held out, as the console said
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
     }

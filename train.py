@@ -45,6 +45,7 @@ import recipe
 import report
 import run_files
 import splits
+import tracking
 from cli import COUNT, FOLDS, FRACTION, IMAGE_SIZE, NON_NEGATIVE, POSITIVE, POSITIVE_INT, PROBABILITY, SMOOTHING
 from dataset import BadImageLog, MyDataset, loader_options
 from devices import choose_device, loader_workers, make_context, to_device
@@ -160,6 +161,9 @@ def get_args_parser():
     run("--output-dir", help="run directory (default: a new runs/expN)")
     run("--resume", nargs="?", const="last",
         help="continue a run from a checkpoint (alone: the run directory's last.pt)")
+    run("--tensorboard", action="store_true", help="also write scalars and pictures to OUTPUT/tensorboard/ "
+        "(pip install tensorboard)")
+    run("--mlflow", action="store_true", help="also log them to MLflow (pip install mlflow; ./mlruns by default)")
     run("--evaluate", metavar="CHECKPOINT",
         help="only evaluate a checkpoint on the validation data and write the report")
     # fmt: on
@@ -585,7 +589,8 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     report.write_report(output_dir, predictions, val_data, title, thresholds=thresholds,
                         temperature=checkpoint.get("temperature"), point=checkpoint.get("operating_point"),
                         point_chosen_here=not external, subgroups=subgroups)  # fmt: skip
-    print(f"report folder: {output_dir}")
+    report.write_page(output_dir)
+    print(f"report folder: {output_dir} (report.html)")
     return 0
 
 
@@ -639,7 +644,7 @@ def prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train
         return
     run_files.make_output_dir(output_dir)
     run_files.write_split(output_dir, {name: part and part.samples for name, part in parts.items()})
-    run_files.write_args(output_dir, args, ctx, workers)
+    run_files.write_args(output_dir, args, ctx, workers, split_method)
     report.print_setup(args, ctx, parts, split_method, train_loader, output_dir)
     duplicates.report(output_dir, copies, args.dedupe)
     if resuming:
@@ -705,6 +710,8 @@ def report_best(model, saver, loaders, ctx, bad_images, output_dir, args, best_p
         title = f"test report of {saver.best_path} (operating point and temperature frozen on validation)"
         report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", **decided,
                             subgroups=subgroups.get("test"))  # fmt: skip
+    report.write_page(output_dir)
+    report.write_methods(output_dir)
 
 
 def main(args, argv=None):
@@ -752,6 +759,7 @@ def main(args, argv=None):
     history = list(checkpoint["history"]) if checkpoint else []
     parts = {"train": train_set, "val": val_set, "test": test_set}
     prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train_loader, workers, len(history))
+    trackers = tracking.Trackers(args, output_dir, ctx.is_main)  # --tensorboard, --mlflow
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
     bad_images, bad_image, thresholds, best_predictions = BadImageLog(args.skip_bad_images), None, None, None
@@ -783,8 +791,8 @@ def main(args, argv=None):
                 improved = saver.epoch_done(epoch, val_scores, scored_model, history, last, thresholds)
                 best_predictions = predictions if improved else best_predictions  # best.pt's, for the report
                 if ctx.is_main:
-                    report.write_metrics(output_dir, history)
-                    report.save_picture(output_dir, plots.draw_results(history))
+                    report.epoch_done(output_dir, history)  # metrics.csv, results.png, report.html
+                    trackers.epoch(history[-1])
                     if epoch == first_epoch:  # from the first epoch's line on, the folder holds a checkpoint;
                         saver.wait()  # later ones are written while the next epoch trains
                     report.print_epoch(history[-1], args.epochs, improved, bad_images.count)
@@ -807,6 +815,7 @@ def main(args, argv=None):
         test_loader = evaluation_loader(test_data, args.batch_size, ctx, workers) if test_data is not None else None
         loaders = {"val": val_loader, "test": test_loader}
         report_best(model, saver, loaders, ctx, bad_images, output_dir, args, best_predictions, subgroups)
+        trackers.finish(args)
     saver.wait()  # the run ends with every checkpoint on disk
     return 0
 
@@ -823,6 +832,7 @@ def cross_validate(args, argv):
             return status
     if not args.fold and os.environ.get("RANK", "0") == "0":
         report.write_cv_summary(output_dir, args.folds)
+        report.write_page(output_dir)
     return 0
 
 
