@@ -188,9 +188,15 @@ def operating_text(rows, point, class_names, chosen_here):
 def fit_temperature(predictions):
     """The temperature T that minimises the validation images' negative log-likelihood of softmax(logits / T)
     (Guo et al. 2017, "On Calibration of Modern Neural Networks"), by LBFGS on log T in float64. Fitted on
-    log-probabilities, which are the logits up to a per-image constant that the softmax cancels."""
+    log-probabilities, which are the logits up to a per-image constant that the softmax cancels. None when
+    every image is right."""
     log_p = predictions.log_probabilities.double().clone()  # evaluate's tensors come from inference mode
     labels = predictions.labels.long().clone()
+    if bool((log_p.argmax(1) == labels).all()):
+        # Every image right: the NLL falls towards 0 as T does, and the fit would make every probability 0 or 1
+        # (the sample's 72 validation images gave T = 0.09). Nothing to calibrate against: none.
+        print("calibration: every validation image is right, so no temperature is fitted (--calibrate skipped)")
+        return None
     log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
     optimizer = torch.optim.LBFGS([log_t], lr=0.5, max_iter=100, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 

@@ -710,8 +710,8 @@ def report_best(model, saver, loaders, ctx, bad_images, output_dir, args, best_p
         title = f"test report of {saver.best_path} (operating point and temperature frozen on validation)"
         report.write_report(output_dir, test_predictions, dataset_of(test_loader), title, "test_", **decided,
                             subgroups=subgroups.get("test"))  # fmt: skip
-    report.write_page(output_dir)
     report.write_methods(output_dir)
+    report.write_page(output_dir)  # last: it lists every file of the folder
 
 
 def main(args, argv=None):
@@ -758,8 +758,8 @@ def main(args, argv=None):
     saver = run_files.CheckpointSaver(output_dir, run, args.best_metric, ctx.is_main, checkpoint)
     history = list(checkpoint["history"]) if checkpoint else []
     parts = {"train": train_set, "val": val_set, "test": test_set}
+    trackers = tracking.Trackers(args, output_dir, ctx.is_main)  # --tensorboard, --mlflow: a missing one stops here
     prepare_run_folder(output_dir, args, ctx, parts, split_method, copies, train_loader, workers, len(history))
-    trackers = tracking.Trackers(args, output_dir, ctx.is_main)  # --tensorboard, --mlflow
 
     # ---- the train/validate loop: best.pt and last.pt after every epoch; a signal or a bad image stops it cleanly
     bad_images, bad_image, thresholds, best_predictions = BadImageLog(args.skip_bad_images), None, None, None

@@ -36,7 +36,9 @@ def binary_run(tmp_path_factory):
         for i in range(26):
             name = f"{label}_{i}.png"
             make_image(root / name, label_index, rng)
-            (test_rows if i >= 16 else rows).append((name, label, "A" if i % 3 else "B"))
+            # a quarter of the training CSV's labels wrong, so that validation has mistakes to calibrate against
+            given = CLASSES[1 - label_index] if i < 16 and i % 4 == 1 else label
+            (test_rows if i >= 16 else rows).append((name, given, "A" if i % 3 else "B"))
     header = ("image", "label", "site")
     csv_path, test_csv = write_csv(base / "train.csv", rows, header), write_csv(base / "test.csv", test_rows, header)
     run_dir = base / "run"
@@ -345,9 +347,11 @@ def test_compare_writes_the_paired_table_of_two_runs(binary_run, tmp_path, capsy
     run_dir, _, _ = binary_run
     first = run_dir / "test_predictions.csv"
     rows = read_rows(first)
-    # a second "model": the same images with noisier probabilities
+    # a second "model": the same images, its probabilities noisier and a quarter of them reversed
     rng = np.random.default_rng(0)
-    noisy = [(r["image"], r["label"], min(1.0, max(0.0, float(r["p_malignant"]) + rng.normal(0, 0.2)))) for r in rows]
+    noisy = [(r["image"], r["label"], float(np.clip(float(r["p_malignant"]) + rng.normal(0, 0.3), 0, 1)))
+             for r in rows]  # fmt: skip
+    noisy = [(i, label, 1 - p if n % 4 == 0 else p) for n, (i, label, p) in enumerate(noisy)]
     second = write_csv(tmp_path / "b.csv", [(i, label, 1 - p, p) for i, label, p in noisy],
                        header=("image", "label", "p_benign", "p_malignant"))  # fmt: skip
     assert compare.run_cli([str(first), str(second), "--out", str(tmp_path / "cmp")]) == 0
@@ -367,3 +371,29 @@ def test_compare_refuses_files_of_different_images(binary_run, tmp_path, capsys)
                       header=("image", "label", "p_benign", "p_malignant"))  # fmt: skip
     assert compare.run_cli([str(run_dir / "test_predictions.csv"), str(other)]) == 2
     assert "not the same images" in capsys.readouterr().err
+
+
+def test_the_readme_s_own_code_snippet_gives_predict_s_calibrated_probability(binary_run, tmp_path, capsys):
+    from pathlib import Path
+
+    run_dir, root, _ = binary_run
+    section = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("## Using the trained model")[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    image = root / "malignant_20.png"
+    out = tmp_path / "one.csv"
+    assert predict.run_cli([str(run_dir / "best.pt"), str(image), "--out", str(out), "--workers", "0"]) == 0
+    row = read_rows(out)[0]
+    capsys.readouterr()
+    code = snippet.replace("runs/exp1/best.pt", str(run_dir / "best.pt")).replace("scan.png", str(image))
+    exec(compile(code, "README.md", "exec"), {})
+    label, probability = capsys.readouterr().out.split()
+    assert label == row["label"] and float(probability) == pytest.approx(float(row["confidence"]), abs=1e-5)
+
+
+def test_no_temperature_is_fitted_when_every_validation_image_is_right(capsys):
+    predictions = overconfident(scale=1.0)
+    right = metrics.Predictions(predictions.indices, predictions.log_probabilities.argmax(1),
+                                predictions.log_probabilities)  # fmt: skip
+    assert decision.fit_temperature(right) is None
+    assert "no temperature is fitted" in capsys.readouterr().out
+    assert decision.with_temperature(right, None) is right
