@@ -17,6 +17,7 @@ import numpy as np
 import decision
 import metrics
 import plots
+from errors import one_line
 from files import WriteError, write_atomically, write_csv_atomically
 from labels import LABEL_SEP, label_matrix
 
@@ -476,11 +477,13 @@ def write_page(output_dir, state=None):
     """report.html: the run folder on one self-contained page (pictures embedded, no internet), from
     templates/report.html. Refreshed after every epoch (`state` says how far the run is) and at the end; a
     page that cannot be written is a warning, never a stopped run."""
+    import jinja2
+
     try:
         html = _environment(autoescape=True).get_template("report.html").render(**page_context(output_dir, state))
         write_atomically(Path(output_dir) / "report.html", lambda f: f.write(html.encode()))
-    except (WriteError, OSError) as e:
-        print(f"warning: could not write report.html ({e})", file=sys.stderr)
+    except (WriteError, OSError, ValueError, KeyError, jinja2.TemplateError) as e:  # the run goes on without it
+        print(f"warning: could not write report.html ({one_line(e)[:200]})", file=sys.stderr)
 
 
 def _plural(count, word):
@@ -546,6 +549,8 @@ def methods_context(output_dir):
     if temperature:
         selection += (f" One temperature (T = {float(temperature):.3f}) was then fitted on the validation logits by "
                       "minimising the negative log-likelihood (temperature scaling).")  # fmt: skip
+    elif args.get("calibrate") and parts.get("validation"):
+        selection += " No temperature was fitted: every validation image was classified correctly."
     if args.get("operating_point"):
         selection += (f" The decision threshold ({args['operating_point']} operating point, one-vs-rest per "
                       "class) was chosen on the validation predictions and frozen before the test set was "
@@ -588,8 +593,10 @@ def _results_sentence(parts):
 def write_methods(output_dir):
     """methods.md: the methods paragraph a paper can start from and the results sentence with intervals, every
     number from the run's files (templates/methods.md). A write failure is a warning."""
+    import jinja2
+
     try:
         text = _environment(autoescape=False).get_template("methods.md").render(**methods_context(output_dir))
         write_atomically(Path(output_dir) / "methods.md", lambda f: f.write(text.encode()))
-    except (WriteError, OSError) as e:
-        print(f"warning: could not write methods.md ({e})", file=sys.stderr)
+    except (WriteError, OSError, ValueError, KeyError, jinja2.TemplateError) as e:
+        print(f"warning: could not write methods.md ({one_line(e)[:200]})", file=sys.stderr)

@@ -137,7 +137,7 @@ def test_evaluate_on_external_data_writes_its_own_report_folder_at_the_frozen_po
     run_dir, root, test_csv = binary_run
     assert run_train("--evaluate", run_dir / "best.pt", "--csv", test_csv, "--root", root) == 0
     folder = run_dir / "evaluate_test"
-    for name in ("report.csv", "val_predictions.csv", "confusion_matrix.csv"):
+    for name in ("report.csv", "val_predictions.csv", "confusion_matrix.csv", "report.html"):
         assert (folder / name).is_file()
     external, test = by_label(folder / "report.csv"), by_label(run_dir / "test_report.csv")
     assert int(external["accuracy"]["support"]) == 20  # every image of the CSV, not a split of it

@@ -238,3 +238,17 @@ def test_group_col_dicom_reads_the_headers_of_csv_images(tmp_path):
     csv_path = write_csv(tmp_path / "labels.csv", rows)
     everything = labels.read_image_sets(csv=csv_path, root=data, group_col="dicom:PatientID")[0]
     assert list(everything.samples["group"]) == [f"{label}{i // 2}" for label in ("air", "fat") for i in range(4)]
+
+
+def test_subgroup_col_dicom_reads_each_image_s_header_value(tmp_path):
+    data = tmp_path / "data"
+    windowed_classes(data, per_class=4)
+    folder_set = labels.read_image_sets(data=data)[0]
+    values = labels.subgroup_values(folder_set, "dicom:PatientID,dicom:Manufacturer")
+    patients = [
+        pydicom.dcmread(data / image, stop_before_pixels=True).PatientID for image in folder_set.samples["image"]
+    ]
+    assert values["dicom:PatientID"] == patients
+    assert set(values["dicom:Manufacturer"]) == {"missing"}  # not in these headers: its own subgroup
+    with pytest.raises(labels.DataError, match="--subgroup-col site: .* not a CSV"):
+        labels.subgroup_values(folder_set, "site")

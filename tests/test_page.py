@@ -189,3 +189,12 @@ def test_a_tracker_that_is_not_installed_says_how_to_install_it(train_tiny, tmp_
         err = capsys.readouterr().err
         assert f"{flag} needs the {package} package: pip install {package}" in err and err.count("\n") == 1
         assert not (run_dir / "args.json").exists()  # stopped before the run folder was written
+
+
+def test_the_page_is_rewritten_after_each_epoch_saying_how_far_the_run_is(tmp_path):
+    folder = fake_run(tmp_path / "run")
+    report.epoch_done(folder, [{"epoch": 1, "train_loss": 0.5}])
+    page = (folder / "report.html").read_text()
+    assert "after epoch 1" in page
+    report.epoch_done(folder, [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.4}])
+    assert "after epoch 2" in (folder / "report.html").read_text()

@@ -250,6 +250,8 @@ def test_folds_resume_at_the_interrupted_fold(tiny_data, tmp_path, capsys):
     assert run_train(*argv, "--resume") == 0
     assert [(tmp_path / "cv" / "fold1" / name).stat().st_mtime_ns for name in ("best.pt", "last.pt")] == first
     assert (tmp_path / "cv" / "fold2" / "best.pt").is_file() and (tmp_path / "cv" / "cv_summary.csv").is_file()
+    page = (tmp_path / "cv" / "report.html").read_text()  # the cross-validation page links each fold's
+    assert 'href="fold1/report.html"' in page and 'href="fold2/report.html"' in page and "folds-table" in page
     assert "fold 2 of 2" in capsys.readouterr().out
 
 
