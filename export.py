@@ -5,12 +5,14 @@
     python export.py runs/exp1/best.pt --out deploy/model.onnx
 
 The exported model takes a float32 batch of shape (N, 3, image_size, image_size), any N, already
-preprocessed, and returns logits (N, classes); softmax gives the probabilities (a multi-label model: sigmoid
-per class, and a class is predicted when its probability reaches its threshold in "thresholds"). The file
-carries everything a consumer needs as one JSON value: the class names, image_size, resize_size, mean and std,
-multi_label and thresholds (ONNX: the model's metadata_props entry "classifier"; .pt2: the extra file
-"classifier.json"). Preprocessing: convert to RGB, resize the shorter side to resize_size (bilinear,
-antialiased), centre-crop image_size, scale to [0, 1], subtract mean and divide by std per channel.
+preprocessed, and returns logits (N, classes); softmax(logits / temperature) gives the calibrated
+probabilities, and "operating_point" the frozen per-class thresholds applied to them (a multi-label model:
+sigmoid per class, and a class is predicted when its probability reaches its threshold in "thresholds"). The
+file carries everything a consumer needs as one JSON value: the class names, image_size, resize_size, mean and
+std, multi_label, thresholds, temperature and operating_point (ONNX: the model's metadata_props entry
+"classifier"; .pt2: the extra file "classifier.json"). Preprocessing: convert to RGB, resize the shorter side
+to resize_size (bilinear, antialiased), centre-crop image_size, scale to [0, 1], subtract mean and divide by
+std per channel.
 
 After writing, the export checks itself: ONNX Runtime (or the reloaded .pt2) and PyTorch run the same random
 batches of 1 and 3 images, and the largest difference relative to the largest logit must stay under 1e-3;

@@ -236,10 +236,15 @@ def open_run(args, typed, here, world_size=1):
         apply_saved_args(args, checkpoint["args"], typed, EVALUATE_FLAGS)
         if "amp" not in typed:  # the training run's autocast is not taken: inference is exact (fp32) unless asked
             args.amp = "off"
-        # Data named now replaces the run's own, its paths relative to its own folder unless --root says otherwise.
-        if typed & {"csv", "data"}:
-            args.csv, args.data = (args.csv, None) if "csv" in typed else (None, args.data)
+        # Other data named now replaces the run's own, its paths relative to its own folder unless --root says so;
+        # subgroups are those asked for now (the run's columns need not exist in other data).
+        saved = checkpoint["args"]
+        named = next((name for name in ("csv", "data") if name in typed), None)
+        if named and not same_file(getattr(args, named), saved.get(named)):
+            args.csv, args.data = (args.csv, None) if named == "csv" else (None, args.data)
             args.root = args.root if "root" in typed else None
+        if "subgroup_col" not in typed:
+            args.subgroup_col = None
         source = next((getattr(args, name) for name in ("val_csv", "csv", "data") if name in typed), None)
         default_dir = Path(args.evaluate).parent / f"evaluate_{Path(source).stem if source else 'val'}"
         return checkpoint, Path(args.output_dir or default_dir)
@@ -249,6 +254,11 @@ def open_run(args, typed, here, world_size=1):
         torch.distributed.broadcast_object_list(shared, src=0)
         output_dir = Path(shared[0])
     return resume_checkpoint(args, typed, output_dir), output_dir
+
+
+def same_file(path, other):
+    """Whether two paths (either may be None) name the same file or folder."""
+    return path is not None and other is not None and Path(path).resolve() == Path(other).resolve()
 
 
 def restore_training_state(checkpoint, model, optimizer, scheduler, scaler, ema=None):

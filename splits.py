@@ -4,6 +4,7 @@ whole groups (patients) at a time, or one fold of K.
 """
 
 import sys
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -193,5 +194,22 @@ def check_val_images_are_not_training_images(train_set, val_set):
         print(
             f"warning: {shared} of the {len(val_set.samples)} --val-csv images are also in --csv; "
             "validation accuracy will look better than it is",
+            file=sys.stderr,
+        )
+
+
+def warn_training_images(image_set, run_dir, training_root):
+    """External data that holds images the model trained on (split.csv of the run in `run_dir`, its paths
+    relative to `training_root`) does not give an external figure: one warning with the count."""
+    split_csv = Path(run_dir) / "split.csv"
+    if not split_csv.is_file() or training_root is None:
+        return
+    trained = pd.read_csv(split_csv, dtype=str, keep_default_na=False)
+    trained_files = {(Path(training_root) / p).resolve() for p in trained.loc[trained["split"] == "train", "image"]}
+    shared = sum((Path(image_set.root) / p).resolve() in trained_files for p in image_set.samples["image"])
+    if shared:
+        print(
+            f"warning: {shared} of the {len(image_set.samples)} images of {image_set.source} trained this model "
+            "(its split.csv): their figures are not external",
             file=sys.stderr,
         )

@@ -557,7 +557,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
     the best epoch and the operating point were chosen there). --tta averages each image's views."""
     ctx = make_context(device, args.amp, checkpoint["mean"], checkpoint["std"])
     class_names, saved = list(checkpoint["class_names"]), checkpoint["args"]
-    external = args.val_csv or (args.data or args.csv) != (saved.get("data") or saved.get("csv"))
+    external = args.val_csv or not run_files.same_file(args.data or args.csv, saved.get("data") or saved.get("csv"))
     if external:
         if args.val_csv:
             source = {"csv": args.val_csv, "root": args.val_root or args.root or Path(args.val_csv).parent}
@@ -567,6 +567,7 @@ def evaluate_checkpoint(args, checkpoint, output_dir, device):
             **source, class_names=class_names, image_col=args.image_col, label_col=args.label_col,
             skip_bad=args.skip_bad_images, label_format=label_format_of(args),
         )  # fmt: skip
+        splits.warn_training_images(val_set, Path(args.evaluate).parent, saved.get("root") or saved.get("data"))
     else:
         val_set = load_samples(args)[1]
     if val_set.multi_label != checkpoint.get("multi_label", False):

@@ -397,3 +397,38 @@ def test_no_temperature_is_fitted_when_every_validation_image_is_right(capsys):
     assert decision.fit_temperature(right) is None
     assert "no temperature is fitted" in capsys.readouterr().out
     assert decision.with_temperature(right, None) is right
+
+
+def test_multi_label_thresholds_follow_the_rule_over_each_label_s_known_images():
+    rng = np.random.default_rng(4)
+    labels = (rng.random((80, 3)) < 0.4).astype(np.float32)
+    labels[rng.random((80, 3)) < 0.1] = np.nan  # unknown labels take no part
+    logits = torch.tensor(rng.normal(size=(80, 3)) + 1.5 * np.nan_to_num(labels))
+    predictions = metrics.Predictions(torch.arange(80), torch.tensor(labels), logits.sigmoid().log(), logits)
+    chosen = decision.choose_label_thresholds(predictions, "sens=0.9")
+    for c, threshold in enumerate(chosen):
+        known = ~np.isnan(labels[:, c])
+        scores = predictions.probabilities[:, c].numpy()[known]
+        assert threshold == decision.threshold_for(scores, labels[known, c] > 0.5, "sens=0.9")
+        assert (scores[labels[known, c] > 0.5] >= threshold).mean() >= 0.9
+    assert decision.choose_label_thresholds(predictions, "f1") == metrics.choose_thresholds(predictions)
+
+
+def test_evaluate_on_the_training_csv_by_another_spelling_reports_the_run_s_own_validation(binary_run, capsys):
+    run_dir, root, test_csv = binary_run
+    same_csv = test_csv.parent / "." / "train.csv"  # not the string the run saved, the same file
+    out = run_dir / "again"
+    assert run_train("--evaluate", run_dir / "best.pt", "--csv", same_csv, "--output-dir", out) == 0
+    validated = sum(row["split"] == "val" for row in read_rows(run_dir / "split.csv"))
+    assert int(by_label(out / "report.csv")["accuracy"]["support"]) == validated
+    assert "chosen on these images: optimistic" in capsys.readouterr().out
+
+
+def test_external_data_holding_training_images_is_warned_about(binary_run, tmp_path, capsys):
+    run_dir, root, _ = binary_run
+    trained = [row for row in read_rows(run_dir / "split.csv") if row["split"] == "train"][:3]
+    mixed = write_csv(tmp_path / "mixed.csv", [(row["image"], row["label"]) for row in trained]
+                      + [("benign_20.png", "benign"), ("malignant_21.png", "malignant")])  # fmt: skip
+    assert run_train("--evaluate", run_dir / "best.pt", "--csv", mixed, "--root", root,
+                     "--output-dir", tmp_path / "out") == 0  # fmt: skip
+    assert "3 of the 5 images of" in capsys.readouterr().err
