@@ -2,16 +2,19 @@
 
     python compare.py runs/exp1/test_predictions.csv runs/exp2/test_predictions.csv
     python compare.py A/val_predictions.csv B/val_predictions.csv --names resnet18 resnet50 --out compare/
+    python compare.py A/best.pt B/best.pt --csv external.csv --root images   # each evaluated on the CSV first
 
 Writes OUT/compare.csv (metric, a, b, difference = a - b, its 95% paired-bootstrap interval, and for the AUC
 DeLong's test p-value) and OUT/compare_roc.png (both ROC curves), and prints the table. Rows: accuracy, the
 AUC (binary: of the positive class; multi-class: each class one-vs-rest and the macro average) and, when both
 files have the `decision` column of a frozen operating point, sensitivity and specificity at those points.
-The images are paired by path: both files must hold the same images with the same labels. Compare on test or
+The images are paired by path: both files must hold the same images with the same labels. Two checkpoints
+are first evaluated on the --csv (or --data) images with `train.py --evaluate`, into OUT/a and OUT/b. Compare on test or
 external predictions: validation ones chose each model's best epoch and operating point.
 """
 
 import csv
+import subprocess
 import sys
 from pathlib import Path
 
@@ -25,12 +28,20 @@ import plots
 from errors import DataError, UsageError
 from files import WriteError, write_atomically, write_csv_atomically
 
+HERE = Path(__file__).resolve().parent
 COLUMNS = ["metric", "a", "b", "difference", "ci_low", "ci_high", "p_value", "method"]
 
 
 def get_args_parser():
     parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=cli.HelpFormatter)
-    parser.add_argument("predictions", nargs=2, help="the two predictions CSVs (val_, test_ or an --evaluate folder's)")
+    parser.add_argument(
+        "predictions",
+        nargs=2,
+        help="the two predictions CSVs (val_, test_ or an --evaluate folder's), or two checkpoints",
+    )
+    parser.add_argument("--csv", help="with two checkpoints: the labelled images to evaluate both on")
+    parser.add_argument("--root", help="with --csv: the folder its image paths are relative to (default: its own)")
+    parser.add_argument("--data", help="with two checkpoints: a folder of class folders to evaluate both on")
     parser.add_argument("--names", nargs=2, default=["A", "B"], help="what the table calls the two models")
     parser.add_argument("--positive-class", help="binary: the class sensitivity is about (default: the second)")
     parser.add_argument("--out", default="compare", help="folder for compare.csv and compare_roc.png")
@@ -113,7 +124,39 @@ def paired_rows(a, b, classes, positive):
     return rows, labels, probs_a, probs_b
 
 
+def evaluated(args):
+    """The predictions CSVs to compare: the two given, or those `train.py --evaluate` writes for two checkpoints
+    on --csv / --data (OUT/a, OUT/b), each process's error passed on as it said it."""
+    checkpoints = [Path(path).suffix == ".pt" for path in args.predictions]
+    if not any(checkpoints):
+        if args.csv or args.data:
+            raise UsageError("--csv and --data are for two checkpoints; predictions CSVs hold their images already")
+        return args.predictions
+    if not all(checkpoints) or not (args.csv or args.data) or (args.csv and args.data):
+        raise UsageError("give two .pt checkpoints with --csv (or --data) to evaluate them on, or two predictions CSVs")
+    source = ["--data", args.data] if args.data else ["--csv", args.csv] + (["--root", args.root] if args.root else [])
+    paths = []
+    for checkpoint, name in zip(args.predictions, ("a", "b")):
+        folder = Path(args.out) / name
+        command = [
+            sys.executable,
+            str(HERE / "train.py"),
+            "--evaluate",
+            checkpoint,
+            *source,
+            "--output-dir",
+            str(folder),
+        ]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            said = done.stderr.strip().splitlines()[-1:] or [f"exit status {done.returncode}"]
+            raise DataError(f"evaluating {checkpoint}: {said[0].removeprefix('error: ')}")
+        paths.append(str(folder / "val_predictions.csv"))
+    return paths
+
+
 def main(args):
+    args.predictions = evaluated(args)
     (a, classes), (b, classes_b) = (read_predictions(path) for path in args.predictions)
     first, second = args.predictions
     if classes != classes_b:

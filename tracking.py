@@ -1,11 +1,12 @@
 """Optional experiment tracking (--tensorboard, --mlflow): each epoch's scalars (losses, accuracy, macro-F1,
 AUC, learning rate), at the end the run's pictures and its hyper-parameters with the final scores. Each
 tracker is imported only when asked for; a missing package is one line saying how to install it. TensorBoard
-writes OUTPUT/tensorboard/; MLflow logs to MLFLOW_TRACKING_URI, or to a local ./mlruns file store."""
+writes OUTPUT/tensorboard/; MLflow logs to MLFLOW_TRACKING_URI, or to its own default (mlflow 3: a local
+./mlflow.db)."""
 
 from pathlib import Path
 
-from errors import UsageError
+from errors import UsageError, one_line
 
 SCALARS = ("train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "val_auc", "val_map", "lr")
 PICTURES = ("results.png", "confusion_matrix.png", "roc.png", "calibration.png", "val_predictions.jpg", "val_cam.jpg")
@@ -85,7 +86,10 @@ class MLflow:
         except ImportError:
             _missing("--mlflow", "mlflow")
         self.mlflow = mlflow
-        mlflow.start_run(run_name=Path(output_dir).name)
+        try:
+            mlflow.start_run(run_name=Path(output_dir).name)
+        except Exception as e:  # MLflow's own errors (a store it cannot open) have no common base to name
+            raise UsageError(f"--mlflow: {one_line(e)[:300]}") from None
 
     def scalars(self, values, step):
         self.mlflow.log_metrics(values, step=step)

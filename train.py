@@ -163,7 +163,7 @@ def get_args_parser():
         help="continue a run from a checkpoint (alone: the run directory's last.pt)")
     run("--tensorboard", action="store_true", help="also write scalars and pictures to OUTPUT/tensorboard/ "
         "(pip install tensorboard)")
-    run("--mlflow", action="store_true", help="also log them to MLflow (pip install mlflow; ./mlruns by default)")
+    run("--mlflow", action="store_true", help="also log them to MLflow (pip install mlflow; MLFLOW_TRACKING_URI)")
     run("--evaluate", metavar="CHECKPOINT",
         help="only evaluate a checkpoint on the validation data and write the report")
     # fmt: on

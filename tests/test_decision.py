@@ -432,3 +432,15 @@ def test_external_data_holding_training_images_is_warned_about(binary_run, tmp_p
     assert run_train("--evaluate", run_dir / "best.pt", "--csv", mixed, "--root", root,
                      "--output-dir", tmp_path / "out") == 0  # fmt: skip
     assert "3 of the 5 images of" in capsys.readouterr().err
+
+
+def test_compare_evaluates_two_checkpoints_on_a_csv_first(binary_run, tmp_path, capsys):
+    run_dir, root, test_csv = binary_run
+    argv = [run_dir / "best.pt", run_dir / "best.pt", "--csv", test_csv, "--root", root, "--out", tmp_path / "cmp"]
+    assert compare.run_cli([str(a) for a in argv]) == 0
+    table = {row["metric"]: row for row in read_rows(tmp_path / "cmp" / "compare.csv")}
+    # the same model twice: no difference, and the AUC is the test report's
+    assert float(table["accuracy"]["difference"]) == 0 and float(table["auc"]["difference"]) == 0
+    scores, positive = positive_scores(run_dir / "test_predictions.csv")
+    assert float(table["auc"]["a"]) == pytest.approx(roc_auc_score(positive, scores), abs=1e-6)
+    assert (tmp_path / "cmp" / "a" / "report.html").is_file()
