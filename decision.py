@@ -32,6 +32,10 @@ from labels import LABEL_SEP
 
 RULES = ("youden", "f1", "sens=", "spec=")
 TEMPERATURE_RANGE = (0.05, 20.0)
+# A chosen threshold is an image's probability; saved this much (relatively) below it, so that predict.py and
+# ONNX, computing that image's probability in float32, decide it as the float64 report does (without it the
+# image a threshold was chosen at came out below it in predict.py, measured on a tiny binary run).
+FLOAT32_MARGIN = 1e-6
 SMALL_SUBGROUP = 30  # below this many images (or without a positive) a subgroup's intervals are too wide to read
 SUBGROUP_COLUMNS = ["column", "value", "class", "n", "positives", "prevalence", "auc", "auc_low", "auc_high",
                     "threshold", "sensitivity", "sensitivity_low", "sensitivity_high", "specificity",
@@ -83,28 +87,32 @@ def threshold_for(scores, positives, rule):
 
 def choose_operating_point(predictions, rule, positive=None):
     """{"rule", "thresholds" (one per class, None where not chosen), "positive"}: single-label predictions'
-    one-vs-rest thresholds by `rule`; binary (`positive` the positive class's index) only the positive
-    class's. A class the images lack positives or negatives of gets no threshold."""
+    one-vs-rest thresholds by `rule` (FLOAT32_MARGIN below the probability chosen); binary (`positive` the
+    positive class's index) only the positive class's. A class the images lack positives or negatives of gets
+    no threshold."""
     probabilities, labels = predictions.probabilities.double().numpy(), predictions.labels.numpy()
     classes = [positive] if positive is not None else range(probabilities.shape[1])
     thresholds = [None] * probabilities.shape[1]
     for c in classes:
         threshold = threshold_for(probabilities[:, c], labels == c, rule)
-        thresholds[c] = None if math.isnan(threshold) else threshold
+        thresholds[c] = None if math.isnan(threshold) else threshold * (1 - FLOAT32_MARGIN)
     return {"rule": rule, "thresholds": thresholds, "positive": positive}
 
 
 def choose_label_thresholds(predictions, rule, fixed=None):
     """Multi-label: each label's threshold by `rule` over the images whose label is known (the best F1 by
-    default, metrics.choose_thresholds); metrics.DEFAULT_THRESHOLD where one cannot be chosen."""
-    if fixed is not None or rule == "f1":
+    default, metrics.choose_thresholds), FLOAT32_MARGIN below; metrics.DEFAULT_THRESHOLD where one cannot be
+    chosen, `fixed` (--threshold) for every label when given."""
+    if fixed is not None:
         return metrics.choose_thresholds(predictions, fixed)
+    if rule == "f1":
+        return [t * (1 - FLOAT32_MARGIN) for t in metrics.choose_thresholds(predictions)]
     thresholds = []
     for c in range(predictions.labels.shape[1]):
         known = ~predictions.labels[:, c].isnan()
         scores, labels = predictions.probabilities[known, c].numpy(), (predictions.labels[known, c] > 0.5).numpy()
         threshold = threshold_for(scores, labels, rule)
-        thresholds.append(metrics.DEFAULT_THRESHOLD if math.isnan(threshold) else threshold)
+        thresholds.append(metrics.DEFAULT_THRESHOLD if math.isnan(threshold) else threshold * (1 - FLOAT32_MARGIN))
     return thresholds
 
 
@@ -249,7 +257,6 @@ def subgroup_rows(predictions, values, class_names, point):
     classes = [positive] if positive is not None else range(len(class_names))
     if point is not None:
         chosen = decided(predictions.probabilities, point).numpy()
-        chosen[:, [t is None for t in point["thresholds"]]] = False
     else:
         chosen = np.eye(len(class_names), dtype=bool)[predictions.predicted.numpy()]
     labels, indices = predictions.labels.numpy(), predictions.indices.numpy()

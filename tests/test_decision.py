@@ -409,9 +409,11 @@ def test_multi_label_thresholds_follow_the_rule_over_each_label_s_known_images()
     for c, threshold in enumerate(chosen):
         known = ~np.isnan(labels[:, c])
         scores = predictions.probabilities[:, c].numpy()[known]
-        assert threshold == decision.threshold_for(scores, labels[known, c] > 0.5, "sens=0.9")
+        rule_choice = decision.threshold_for(scores, labels[known, c] > 0.5, "sens=0.9")
+        assert threshold == pytest.approx(rule_choice * (1 - decision.FLOAT32_MARGIN), rel=1e-12)
         assert (scores[labels[known, c] > 0.5] >= threshold).mean() >= 0.9
-    assert decision.choose_label_thresholds(predictions, "f1") == metrics.choose_thresholds(predictions)
+    best_f1 = metrics.choose_thresholds(predictions)
+    assert decision.choose_label_thresholds(predictions, "f1") == pytest.approx(best_f1, rel=2e-6)
 
 
 def test_evaluate_on_the_training_csv_by_another_spelling_reports_the_run_s_own_validation(binary_run, capsys):
@@ -444,3 +446,14 @@ def test_compare_evaluates_two_checkpoints_on_a_csv_first(binary_run, tmp_path, 
     scores, positive = positive_scores(run_dir / "test_predictions.csv")
     assert float(table["auc"]["a"]) == pytest.approx(roc_auc_score(positive, scores), abs=1e-6)
     assert (tmp_path / "cmp" / "a" / "report.html").is_file()
+
+
+def test_predict_decides_the_validation_image_the_threshold_was_chosen_at_as_the_report_does(binary_run, tmp_path):
+    run_dir, root, _ = binary_run
+    reported = {row["image"]: row["decision"] for row in read_rows(run_dir / "val_predictions.csv")}
+    images = write_csv(tmp_path / "val.csv", [(image, "") for image in reported], header=("image", "label"))
+    for name in ("best.pt", "best.onnx"):
+        out = tmp_path / f"{name}.csv"
+        argv = [run_dir / name, images, "--root", root, "--out", out, "--workers", "0", "--device", "cpu"]
+        assert predict.run_cli([str(a) for a in argv]) == 0
+        assert {row["image"]: row["decision"] for row in read_rows(out)} == reported
