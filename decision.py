@@ -27,10 +27,9 @@ import numpy as np
 import torch
 
 import metrics
-from intervals import proportion_interval
+from intervals import proportion_interval, score_interval
 from labels import LABEL_SEP
 
-RULES = ("youden", "f1", "sens=", "spec=")
 TEMPERATURE_RANGE = (0.05, 20.0)
 # A chosen threshold is an image's probability; saved this much (relatively) below it, so that predict.py and
 # ONNX, computing that image's probability in float32, decide it as the float64 report does (without it the
@@ -272,9 +271,15 @@ def subgroup_rows(predictions, values, class_names, point):
             for c in classes:
                 is_positive = labels[members] == c
                 figures = proportions(chosen[members, c], is_positive)
+                positives = int(is_positive.sum())
+                # the report's AUC interval: the bootstrap's, or where it collapses the proportion fallback
+                bootstrap = (intervals["auc"][0][c], intervals["auc"][1][c])
+                auc_low, auc_high, _ = score_interval(
+                    scores["auc"][c], bootstrap, min(positives, len(members) - positives)
+                )
                 row = {"column": column, "value": value, "class": class_names[c], "n": len(members),
-                       "positives": int(is_positive.sum()), "prevalence": float(is_positive.mean()),
-                       "auc": scores["auc"][c], "auc_low": intervals["auc"][0][c], "auc_high": intervals["auc"][1][c],
+                       "positives": positives, "prevalence": float(is_positive.mean()), "auc": scores["auc"][c],
+                       "auc_low": auc_low, "auc_high": auc_high,
                        "threshold": point["thresholds"][c] if point else None}  # fmt: skip
                 for name in ("sensitivity", "specificity"):
                     row[name], row[f"{name}_low"], row[f"{name}_high"] = figures[name]
