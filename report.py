@@ -349,10 +349,9 @@ def _data_section(contents):
         return None
     parts = [p for p in ("train", "val", "test") if any(row["split"] == p for row in split)]
     counts = {}
+    label_sets = args.get("label_sep") or args.get("label_cols") or any(LABEL_SEP in row["label"] for row in split)
     for row in split:
-        for label in (
-            row["label"].split(LABEL_SEP) if args.get("label_sep") or args.get("label_cols") else [row["label"]]
-        ):
+        for label in row["label"].split(LABEL_SEP) if label_sets else [row["label"]]:
             counts.setdefault(label, dict.fromkeys(parts, 0))[row["split"]] += 1
     rows = [{"label": label, "counts": [counts[label][p] for p in parts]} for label in sorted(counts)]
     sizes = {p: sum(row["split"] == p for row in split) for p in parts}
@@ -364,8 +363,11 @@ def _data_section(contents):
     groups = {p: {row["group"] for row in split if row["split"] == p and row.get("group")} for p in parts}
     if any(groups.values()):
         by = args.get("group_col") or args.get("group_pattern")
-        notes.append(f"grouped by {by}: " + ", ".join(f"{len(groups[p])} groups in {p}" for p in parts)
-                     + "; no group is in two parts")  # fmt: skip
+        shared = set.union(*(groups[a] & groups[b] for i, a in enumerate(parts) for b in parts[i + 1 :]), set())
+        verb, whose = ("is", "its") if len(shared) == 1 else ("are", "their")
+        leak = f"{_plural(len(shared), 'group')} {verb} in two parts: {whose} images leak"
+        leak = leak if shared else "no group is in two parts"
+        notes.append(f"grouped by {by}: " + ", ".join(f"{len(groups[p])} groups in {p}" for p in parts) + f"; {leak}")
     duplicates = contents["duplicates"]
     if duplicates:
         done = "dropped from the later part (--dedupe)" if args.get("dedupe") else "kept (see duplicates.csv)"

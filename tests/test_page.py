@@ -200,3 +200,16 @@ def test_the_page_is_rewritten_after_each_epoch_saying_how_far_the_run_is(tmp_pa
     assert "after epoch 1" in page
     report.epoch_done(folder, [{"epoch": 1, "train_loss": 0.5}, {"epoch": 2, "train_loss": 0.4}])
     assert "after epoch 2" in (folder / "report.html").read_text()
+
+
+def test_the_page_says_how_the_images_were_grouped_and_whether_a_group_leaks(tmp_path):
+    folder = fake_run(tmp_path / "run", group_col="patient")
+    rows = [f"{i}.png,{'ab'[i % 2]},{'train' if i < 14 else 'val'},P{i // 2}" for i in range(20)]
+    (folder / "split.csv").write_text("image,label,split,group\n" + "\n".join(rows) + "\n")
+    report.write_page(folder)
+    page = (folder / "report.html").read_text()
+    assert "grouped by patient: 7 groups in train, 3 groups in val; no group is in two parts" in page
+    rows[13] = "13.png,b,train,P7"  # patient P7 now has images in train and val
+    (folder / "split.csv").write_text("image,label,split,group\n" + "\n".join(rows) + "\n")
+    report.write_page(folder)
+    assert "1 group is in two parts: its images leak" in (folder / "report.html").read_text()
