@@ -180,8 +180,8 @@ def operating_text(rows, point, class_names, chosen_here):
         if row.get("threshold") is None:
             continue
         figures = ", ".join(
-            f"{label} n/a" if math.isnan(row[f"op_{key}"])
-            else f"{label} {row[f'op_{key}']:.3f} ({row[f'op_{key}_low']:.3f}-{row[f'op_{key}_high']:.3f})"
+            metrics.with_interval({"value": row[f"op_{key}"], "ci_low": row[f"op_{key}_low"],
+                                   "ci_high": row[f"op_{key}_high"]}, label)
             for key, label in (("sensitivity", "sensitivity"), ("specificity", "specificity"),
                                ("ppv", "PPV"), ("npv", "NPV"))
         )  # fmt: skip

@@ -263,10 +263,10 @@ def windowed(values, window, function="LINEAR"):
     return np.clip(np.rint(apply_windowing(np.asarray(values, dtype=np.float64), view)), 0, 255).astype(np.uint8)
 
 
-def dicom_values(paths, keyword):
+def dicom_values(paths, keyword, required=True):
     """The value of the DICOM header element `keyword` (e.g. PatientID) of each file, read in threads as
     check_images reads headers: text, or None where the header cannot be read (check_images reports it).
-    Raises KeyError(path) for a readable header without the keyword."""
+    A readable header without the keyword raises KeyError(path), or with `required` False gives None."""
 
     def value(path):
         try:
@@ -274,6 +274,8 @@ def dicom_values(paths, keyword):
         except Exception:
             return None
         if keyword not in ds or str(ds.data_element(keyword).value).strip() == "":
+            if not required:
+                return None
             raise KeyError(str(path))
         return str(ds.data_element(keyword).value).strip()
 

@@ -493,11 +493,8 @@ def subgroup_values(image_set, columns):
             paths = [Path(image_set.root) / image for image in image_set.samples["image"]]
             if not keyword:
                 raise DataError("--subgroup-col dicom: needs a DICOM keyword after the colon, e.g. dicom:Manufacturer")
-            try:
-                found = dicom_values(paths, keyword)
-            except KeyError:  # some images lack the element: they are the subgroup 'missing'
-                found = [_dicom_value(path, keyword) for path in paths]
-            values[column] = [value or "missing" for value in found]
+            # images without the element (or an unreadable header) are the subgroup 'missing'
+            values[column] = [value or "missing" for value in dicom_values(paths, keyword, required=False)]
             continue
         if not str(image_set.source).lower().endswith(".csv"):
             raise DataError(f"--subgroup-col {column}: {image_set.source} is not a CSV; folders have dicom: only")
@@ -509,13 +506,6 @@ def subgroup_values(image_set, columns):
         by_line = {line: fields[at].strip() or "missing" for line, fields in rows}
         values[column] = [by_line[line] for line in image_set.samples["line"]]
     return values
-
-
-def _dicom_value(path, keyword):
-    try:
-        return dicom_values([path], keyword)[0]
-    except KeyError:
-        return None
 
 
 def _read_image_set(path, folder, image_col, label_col, group_col, group_optional, label_format, sep):

@@ -643,12 +643,12 @@ def label_report_text(title, loss, rows, class_names):
     summary = [row for row in rows if "value" in row]
     names = {"map": "mAP", "macro auc": "macro AUC", "micro f1": "micro-F1", "macro f1": "macro-F1",
              "exact match": "exact match"}  # fmt: skip
-    lines.append(", ".join(_with_interval(row, names[row["label"]]) for row in summary))
+    lines.append(", ".join(with_interval(row, names[row["label"]]) for row in summary))
     lines += _warning_lines(rows)
     return "\n".join(lines)
 
 
-def _with_interval(row, name):
+def with_interval(row, name):
     """'name 0.912 (0.884-0.937)'; without an interval 'name 0.912', an undefined score 'name n/a'."""
     value, low, high = row.get("value"), row.get("ci_low"), row.get("ci_high")
     if value is None or not np.isfinite(value):
@@ -725,9 +725,9 @@ def report(predictions, class_names, resamples=None, seed=BOOTSTRAP_SEED, strati
 def summary_line(rows):
     """'accuracy 0.912 (95% CI 0.884-0.937), macro-F1 ..., macro AUC 0.981 (0.972-0.988), ECE 0.031 (...)'."""
     summary = {row["label"]: row for row in rows}
-    parts = [_with_interval(summary["accuracy"], "accuracy").replace(" (", " (95% CI ", 1)]
-    parts += [_with_interval(summary["macro f1"], "macro-F1"), _with_interval(summary["macro auc"], "macro AUC")]
-    return ", ".join(parts) + ", " + _with_interval(summary["ece"], "ECE")
+    parts = [with_interval(summary["accuracy"], "accuracy").replace(" (", " (95% CI ", 1)]
+    parts += [with_interval(summary["macro f1"], "macro-F1"), with_interval(summary["macro auc"], "macro AUC")]
+    return ", ".join(parts) + ", " + with_interval(summary["ece"], "ECE")
 
 
 def display_width(text):
@@ -761,7 +761,7 @@ def report_text(title, loss, rows, confusion, class_names):
     lines.append(summary_line(rows))
     topk = [row for row in rows if row["label"].startswith("top")]
     if topk:
-        lines[-1] += "; " + ", ".join(_with_interval(row, row["label"]) for row in topk)
+        lines[-1] += "; " + ", ".join(with_interval(row, row["label"]) for row in topk)
     cell = max(5, *(display_width(name) for name in class_names))
     lines.append(f"\nconfusion matrix (rows: true, columns: predicted)\n{'':>{width}}  "
                  + "  ".join(pad(n, cell) for n in class_names))  # fmt: skip

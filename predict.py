@@ -46,7 +46,7 @@ from files import WriteError, write_atomically
 from images import IMAGE_EXTENSIONS, is_image_file, resolve_image_path, upright_size
 from labels import LABEL_SEP, MISSING_LABELS, label_set, read_images
 from metrics import DEFAULT_THRESHOLD
-from models import average_views, forward_views, model_from_checkpoint
+from models import forward_views, model_from_checkpoint
 from models import probabilities as probabilities_of
 
 
@@ -178,12 +178,14 @@ def load_onnx_predictor(path, args):
     input_name, output_name = session.get_inputs()[0].name, session.get_outputs()[0].name
     mean, std = presets.channel_constants(info["mean"]), presets.channel_constants(info["std"])
 
+    def run_session(batch):
+        return torch.from_numpy(session.run([output_name], {input_name: batch.numpy()})[0])
+
+    def prepare(images):  # the numbers the model sees from best.pt too
+        return presets.normalize(images, mean, std).contiguous()
+
     def probabilities(images):
-        views = images.flatten(0, 1) if images.ndim == 5 else images  # --tta: (B, V, 3, H, W)
-        batch = presets.normalize(views, mean, std).contiguous()  # the numbers the model sees from best.pt too
-        logits = torch.from_numpy(session.run([output_name], {input_name: batch.numpy()})[0]).float()
-        if images.ndim == 5:
-            logits = average_views(logits.unflatten(0, images.shape[:2]), info.get("multi_label")).float()
+        logits = forward_views(run_session, images, prepare, info.get("multi_label"))  # --tta: all views at once
         return probabilities_of(logits, info.get("multi_label"), info.get("temperature")), None
 
     return probabilities, info, device

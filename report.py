@@ -54,6 +54,7 @@ def write_report(output_dir, predictions, data, title, prefix="", thresholds=Non
     class_names = data.class_names
     uncalibrated, predictions = predictions, decision.with_temperature(predictions, temperature)
     rows, confusion = metrics.report(predictions, class_names)
+    ece = next(row["value"] for row in rows if row["label"] == "ece")
     lines = [metrics.report_text(title, metrics.mean_loss(predictions), rows, confusion, class_names)]
     if point is not None:
         for row, columns in zip(rows, decision.operating_columns(predictions, point)):
@@ -63,7 +64,6 @@ def write_report(output_dir, predictions, data, title, prefix="", thresholds=Non
         calibration = decision.calibration_rows(uncalibrated, temperature)
         rows += calibration
         nll, nll_before, ece_before = (row["value"] for row in calibration[1:])
-        ece = next(row["value"] for row in rows if row["label"] == "ece")
         lines.append(
             f"temperature {temperature:.3f}: NLL {nll_before:.3f} -> {nll:.3f}, ECE {ece_before:.3f} -> {ece:.3f}"
         )
@@ -81,7 +81,6 @@ def write_report(output_dir, predictions, data, title, prefix="", thresholds=Non
     save_picture(output_dir, plots.draw_confusion_matrix(confusion, class_names, prefix))
     aucs = [row["auc"] for row in rows[: len(class_names)]]
     save_picture(output_dir, plots.draw_roc(metrics.roc_curves(predictions), aucs, class_names, prefix))
-    ece = next(row["value"] for row in rows if row["label"] == "ece")
     save_picture(output_dir, plots.draw_calibration(metrics.calibration_bins(predictions), ece, prefix))
     if not prefix:
         save_picture(output_dir, plots.draw_predictions(*plots.worth_seeing(predictions, data), class_names))
@@ -150,16 +149,12 @@ def write_cv_summary(output_dir, folds):
     set, with their mean and sample standard deviation), cv_predictions.csv (every image's out-of-fold
     prediction, with its fold), and the same summary on the console."""
 
-    def read(path):
-        with open(path, newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-
     fold_dirs = [Path(output_dir) / f"fold{k}" for k in range(1, folds + 1)]
     rows, lines = [], []
     for part, prefix in (("val", ""), ("test", "test_")):
         if not all((d / f"{prefix}report.csv").exists() for d in fold_dirs):
             continue
-        reports = [{row["label"]: row["value"] for row in read(d / f"{prefix}report.csv")} for d in fold_dirs]
+        reports = [{row["label"]: row["value"] for row in _read_csv(d / f"{prefix}report.csv")} for d in fold_dirs]
         multi_label = "map" in reports[0]
         for score in (score for score in CV_SCORES if score in reports[0]):
             values = [float(report[score]) if report.get(score) else float("nan") for report in reports]
@@ -176,7 +171,9 @@ def write_cv_summary(output_dir, folds):
             lines.append(f"{part} {score} {mean:.3f} ± {sd:.3f}{counted}{' (optimistic)' * tuned}")
     header = ["metric", *(f"fold{k}" for k in range(1, folds + 1)), "mean", "sd", "folds", "note"]
     write_csv_atomically(Path(output_dir) / "cv_summary.csv", header, rows)
-    predictions = [dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in read(d / "val_predictions.csv")]
+    predictions = [
+        dict(row, fold=k) for k, d in enumerate(fold_dirs, 1) for row in _read_csv(d / "val_predictions.csv")
+    ]
     columns = ["fold", *(key for key in predictions[0] if key != "fold")]
     write_csv_atomically(Path(output_dir) / "cv_predictions.csv", columns, predictions)
     print(f"\ncross-validation, {folds} folds (mean ± sd over folds): " + ", ".join(lines))
@@ -392,14 +389,8 @@ def _report_section(folder, part, report, evaluation):
         "heading": "Evaluation" if evaluation else f"{part.capitalize()} report",
         "rows": [[row["label"], row["support"], *(_with_ci(row, name) for name in scores)] for row in class_rows],
         "summary": [
-            (
-                row["label"],
-                _summary_value(row),
-                row.get("ci_method", ""),
-            )
-            for row in rows
-            if row.get("value", "") != ""
-        ],  # fmt: skip
+            (row["label"], _summary_value(row), row.get("ci_method", "")) for row in rows if row.get("value", "") != ""
+        ],
         "note": OPTIMISTIC if part == "validation" and not evaluation else "",
     }
     operating = [row for row in class_rows if row.get("threshold") and row.get("op_sensitivity") is not None]
